@@ -1,0 +1,161 @@
+/*
+ * smtp_server: the SMTP server protocol (RFC 5321 + ESMTP PIPELINING, SIZE,
+ * 8BITMIME, ENHANCEDSTATUSCODES, CHUNKING, SMTPUTF8, DSN) on a net/
+ * connection. Each finished message goes to a message sink (the spool, or a
+ * discard/count sink for benchmarks) through struct smtp_sink_ops.
+ *
+ * One struct smtp_server per listener configuration, shared by all workers
+ * (immutable after smtp_server_listen); per-worker state is set up by
+ * smtp_server_worker_init from the program's worker init hook.
+ */
+#ifndef POSTHASTE_MTA_SMTP_SERVER_H
+#define POSTHASTE_MTA_SMTP_SERVER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/socket.h>
+
+#include "mta/smtp/smtp_parser.h"
+#include "net/net.h"
+
+struct smtp_session;
+
+/* Where a message came from and where it goes: valid only during txn_end. */
+struct smtp_rcpt {
+	const char *addr; /* NUL-terminated, without <> */
+	size_t len;
+	unsigned notify;   /* SMTP_NOTIFY_* bits; 0 when not given */
+	const char *orcpt; /* ORCPT value as sent (xtext), or NULL */
+};
+
+#define SMTP_NOTIFY_NEVER   0x1u
+#define SMTP_NOTIFY_SUCCESS 0x2u
+#define SMTP_NOTIFY_FAILURE 0x4u
+#define SMTP_NOTIFY_DELAY   0x8u
+
+enum smtp_body_type { SMTP_BODY_7BIT = 0, SMTP_BODY_8BITMIME };
+enum smtp_ret { SMTP_RET_UNSET = 0, SMTP_RET_FULL, SMTP_RET_HDRS };
+
+struct smtp_envelope {
+	const char *helo;   /* as given in HELO/EHLO */
+	bool esmtp;         /* EHLO (not HELO) */
+	const char *sender; /* "" for the null sender <> */
+	size_t sender_len;
+	const struct smtp_rcpt *rcpts;
+	unsigned nrcpts;
+	uint64_t size; /* body octets received */
+	enum smtp_body_type body;
+	bool smtputf8;
+	enum smtp_ret ret;
+	const char *envid; /* or NULL */
+	const struct sockaddr_storage *peer;
+	bool chunked; /* arrived with BDAT */
+};
+
+/* A final reply for a transaction, e.g. {250, "2.0.0", "Ok: queued as 8F2A..."}. */
+struct smtp_txn_result {
+	unsigned code;
+	const char *enhanced; /* "x.y.z" */
+	char text[128];
+};
+
+/* Where a policy hook can step in (the bench sink injects failures and delays here). */
+enum smtp_stage {
+	SMTP_STAGE_CONNECT = 0,
+	SMTP_STAGE_EHLO,
+	SMTP_STAGE_MAIL,
+	SMTP_STAGE_RCPT,
+	SMTP_STAGE_DATA,
+	SMTP_STAGE_EOM,
+	SMTP_STAGE_COUNT
+};
+
+struct smtp_verdict {
+	unsigned code;     /* 0: go on; else reply this code (4xx/5xx) and fail the step */
+	unsigned delay_ms; /* delay the step's reply this long (the session waits, in order) */
+};
+
+/*
+ * The message sink. All calls run on the session's worker thread. `ctx` is
+ * the per-worker pointer given to smtp_server_worker_init.
+ */
+struct smtp_sink_ops {
+	/* MAIL was accepted: start a transaction. 0, or -errno (then 451 4.3.0). */
+	int (*txn_begin)(void *ctx, struct smtp_session *s, void **txn_r);
+	/*
+	 * Body octets, in order, as slices of the receive buffers (valid only
+	 * during the call). 0, or -errno: the transaction fails with 451 at its end.
+	 */
+	int (*txn_body)(void *txn, const char *data, size_t len);
+	/*
+	 * The body is complete. Return 1 with *res filled for a synchronous
+	 * answer, or 0 when the answer comes later through smtp_session_txn_done
+	 * (e.g. after a group fdatasync); the session waits for it, in order.
+	 * The transaction handle is finished either way.
+	 */
+	int (*txn_end)(void *txn, const struct smtp_envelope *env, struct smtp_txn_result *res);
+	/* The transaction was dropped (RSET, error, disconnect) before txn_end. */
+	void (*txn_abort)(void *txn);
+	/* Optional: a verdict at each stage (fills *v; zeroed before the call). */
+	void (*verdict)(void *ctx, enum smtp_stage stage, struct smtp_verdict *v);
+};
+
+struct smtp_server_config {
+	const char *hostname;        /* in the greeting and EHLO; default: gethostname() */
+	struct smtp_limits limits;   /* parser limits */
+	unsigned max_recipients;     /* per message (then 452 4.5.3); default 1000 */
+	uint64_t max_message_size;   /* octets (SIZE); default 64 MiB */
+	unsigned max_errors;         /* protocol errors before 421 4.7.0; default 20 */
+	unsigned timeout_command_ms; /* waiting for a command; default 300 s (RFC 5321 4.5.3.2.7) */
+	unsigned timeout_data_ms;    /* waiting for a data block; default 180 s (4.5.3.2.6) */
+	bool allow_bare_lf;          /* accept messages with bare LF (default false: 554 5.6.0) */
+	bool allow_nul;              /* accept messages with NUL octets (default false) */
+};
+
+/* Fills *cfg with the defaults above. */
+void smtp_server_config_default(struct smtp_server_config *cfg);
+
+/* Per-worker counters, read after the engine stopped (or racily for progress). */
+struct smtp_server_stats {
+	uint64_t connections;
+	uint64_t messages;   /* accepted with a 2xx final reply */
+	uint64_t recipients; /* of accepted messages */
+	uint64_t bytes;      /* body octets of accepted messages */
+	uint64_t rejected;   /* transactions that got a 4xx/5xx final reply */
+	uint64_t errors;     /* protocol errors answered with 5xx */
+};
+
+struct smtp_server;
+
+/*
+ * Creates a server for an engine: copies cfg (strings included). Returns NULL
+ * with errno on failure.
+ */
+struct smtp_server *smtp_server_new(const struct smtp_server_config *cfg, struct net_engine *e);
+void smtp_server_free(struct smtp_server **srv);
+
+/* Adds a listener that speaks SMTP (before net_engine_run). 0 or -errno. */
+int smtp_server_listen(struct smtp_server *srv, const char *host, uint16_t port);
+
+/*
+ * Attaches a worker to the server with its message sink (from the engine's
+ * worker init hook). 0 or -errno.
+ */
+int smtp_server_worker_init(struct smtp_server *srv, struct net_worker *w,
+			    const struct smtp_sink_ops *sink, void *sink_ctx);
+
+/* Sum of the workers' counters (call after net_engine_run returned). */
+void smtp_server_stats(const struct smtp_server *srv, struct smtp_server_stats *out);
+
+/*
+ * The answer to a txn_end that returned 0. Must be called on the session's
+ * worker thread, exactly once per such txn_end, even if the session's
+ * connection is gone (then it only frees what it must).
+ */
+void smtp_session_txn_done(struct smtp_session *s, const struct smtp_txn_result *res);
+
+/* The connection under a session (for the peer address). */
+struct net_conn *smtp_session_conn(const struct smtp_session *s);
+
+#endif

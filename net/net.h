@@ -1,0 +1,187 @@
+/*
+ * net: the connection API every protocol is written against, and the engine
+ * that runs it (one pinned worker thread per core, shared nothing).
+ *
+ * The protocol code sees a byte stream and nothing else. Backends (io_uring,
+ * later DPDK+lwIP) and filters (TLS) sit below this API; the SMTP, POP3 and
+ * IMAP code does not change with them.
+ *
+ * Threads: every function taking a net_conn or net_worker must be called on
+ * that worker's thread, except where noted. Callbacks run on the worker's
+ * thread. No locks are taken on any per-connection path.
+ *
+ * Errors: functions return 0 or -errno.
+ */
+#ifndef POSTHASTE_NET_NET_H
+#define POSTHASTE_NET_NET_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+struct net_engine;
+struct net_worker;
+struct net_conn;
+
+/* Protocol callbacks: one const table per protocol (a listener's or a connect's). */
+struct net_proto {
+	/*
+	 * A connection is ready: accepted by a listener (err 0), or an outgoing
+	 * net_connect finished (err 0, or -errno: then on_close follows at once).
+	 * Set the protocol's state with net_conn_set_data here.
+	 */
+	void (*on_open)(struct net_conn *c, int err);
+	/*
+	 * Bytes arrived. The buffers belong to the backend and are valid only
+	 * during the call: the protocol works on them in place and copies only
+	 * what it must keep (e.g. a partial line). n >= 1.
+	 */
+	void (*on_data)(struct net_conn *c, const struct iovec *iov, unsigned n);
+	/* Output that was above the high-water mark drained (optional). */
+	void (*on_writable)(struct net_conn *c);
+	/* The timer set with net_conn_set_timeout expired (optional). */
+	void (*on_timeout)(struct net_conn *c);
+	/*
+	 * The engine is shutting down (optional): finish the current reply,
+	 * say goodbye (SMTP: 421) and net_conn_close. Without this callback the
+	 * connection is closed after its queued output is flushed.
+	 */
+	void (*on_shutdown)(struct net_conn *c);
+	/*
+	 * The connection is gone: peer EOF (err 0), an error (-errno), or the
+	 * close the protocol asked for (err 0). Called exactly once per opened
+	 * connection; free the protocol state here. No call follows.
+	 */
+	void (*on_close)(struct net_conn *c, int err);
+};
+
+/* Per-worker hooks of the program (all optional), run on the worker thread. */
+struct net_worker_hooks {
+	/* Before the loop starts. Return 0, or -errno to stop the engine. */
+	int (*init)(struct net_worker *w, void *arg);
+	/* Once per loop turn, after the completions of the turn were handled and before submitting. */
+	void (*turn_end)(struct net_worker *w, void *arg);
+	/* After the loop ended and every connection was closed. */
+	void (*fini)(struct net_worker *w, void *arg);
+	void *arg;
+};
+
+struct net_config {
+	unsigned workers;         /* threads; 0 = one per online CPU */
+	bool pin;                 /* pin worker i to the i-th CPU of the process's affinity mask */
+	unsigned max_conns;       /* per worker; default 16384 */
+	unsigned ring_entries;    /* SQ size; default 4096 */
+	unsigned buf_size;        /* provided-buffer size; default 16384 */
+	unsigned buf_count;       /* provided buffers per worker (power of two); default 4096 */
+	size_t out_high_water;    /* stop reading a connection whose queued output exceeds this; default 256 KiB */
+	size_t out_low_water;     /* resume below this; default 64 KiB */
+	unsigned shutdown_grace_ms; /* longest wait for connections to finish at shutdown; default 5000 */
+	int listen_backlog;       /* default 4096 */
+};
+
+/* Fills *cfg with the defaults above. */
+void net_config_default(struct net_config *cfg);
+
+/* Creates an engine (no threads yet). Returns NULL with errno set on failure. */
+struct net_engine *net_engine_new(const struct net_config *cfg, const struct net_worker_hooks *hooks);
+/* Frees the engine after net_engine_run returned. Accepts NULL; sets *e to NULL. */
+void net_engine_free(struct net_engine **e);
+
+/*
+ * Adds a listener on host:port (host may be an IPv4 or IPv6 literal); every
+ * worker gets its own SO_REUSEPORT socket. `ctx` is available to the protocol
+ * through net_conn_listener_ctx. Before net_engine_run only.
+ * Returns 0 or -errno (e.g. -EADDRINUSE), with a logged reason.
+ */
+int net_engine_listen(struct net_engine *e, const char *host, uint16_t port,
+		      const struct net_proto *proto, void *ctx);
+
+/* The number of workers the engine will run. */
+unsigned net_engine_workers(const struct net_engine *e);
+
+/*
+ * Starts the workers and blocks until the engine stops: on SIGTERM or SIGINT
+ * (which it blocks in every thread and waits for), or on net_engine_stop.
+ * At stop the workers stop accepting, ask every connection to finish
+ * (on_shutdown), flush queued output, and wait up to shutdown_grace_ms.
+ * Returns 0, or -errno if a worker failed to start.
+ */
+int net_engine_run(struct net_engine *e);
+
+/* Asks the engine to stop. Any thread; async-signal-safe. */
+void net_engine_stop(struct net_engine *e);
+
+/* ---- workers ---- */
+
+unsigned net_worker_index(const struct net_worker *w);
+struct net_engine *net_worker_engine(const struct net_worker *w);
+void *net_worker_data(const struct net_worker *w);
+void net_worker_set_data(struct net_worker *w, void *data);
+/* Monotonic milliseconds, sampled once per loop turn. */
+uint64_t net_worker_now_ms(const struct net_worker *w);
+/* True once the engine is shutting down. */
+bool net_worker_stopping(const struct net_worker *w);
+
+/* One-shot worker timers (for things that are not a connection's timeout). */
+struct net_timer {
+	uint64_t deadline_ms;
+	unsigned heap_index; /* private */
+	void (*fire)(struct net_timer *t, struct net_worker *w);
+};
+/* Arms (or re-arms) t to fire after ms milliseconds. t must stay valid until it fires or is stopped. */
+void net_timer_start(struct net_worker *w, struct net_timer *t, uint64_t ms);
+/* Disarms t if armed. */
+void net_timer_stop(struct net_worker *w, struct net_timer *t);
+
+/*
+ * Opens an outgoing TCP connection. proto->on_open reports the result;
+ * on failure on_close follows. Returns 0, or -errno (then no callback runs).
+ */
+int net_connect(struct net_worker *w, const struct sockaddr *sa, socklen_t salen,
+		const struct net_proto *proto, void *data);
+
+/* ---- connections ---- */
+
+struct net_worker *net_conn_worker(const struct net_conn *c);
+void *net_conn_data(const struct net_conn *c);
+void net_conn_set_data(struct net_conn *c, void *data);
+/* The ctx given to net_engine_listen (NULL for outgoing connections). */
+void *net_conn_listener_ctx(const struct net_conn *c);
+/* Peer and local addresses. */
+const struct sockaddr_storage *net_conn_peer(const struct net_conn *c);
+const struct sockaddr_storage *net_conn_local(const struct net_conn *c);
+
+/*
+ * Queues bytes for sending; they are copied. Queued output goes out once per
+ * loop turn, in order. Returns 0, or -ENOBUFS when the queued output would
+ * exceed 16 x out_high_water (a peer that reads nothing), or -EPIPE once the
+ * connection is closing.
+ */
+int net_send(struct net_conn *c, const void *data, size_t len);
+int net_sendv(struct net_conn *c, const struct iovec *iov, unsigned n);
+/*
+ * Queues bytes without copying them: `data` must stay valid and unchanged
+ * until the connection closes (e.g. a bench message body shared by all).
+ */
+int net_send_ref(struct net_conn *c, const void *data, size_t len);
+/* Octets queued and not yet sent. */
+size_t net_conn_pending(const struct net_conn *c);
+
+/* Stop / resume reading from the peer (back-pressure from the protocol). */
+void net_conn_pause_reading(struct net_conn *c);
+void net_conn_resume_reading(struct net_conn *c);
+
+/* Arms the connection's timer: on_timeout after ms milliseconds (0 disarms). */
+void net_conn_set_timeout(struct net_conn *c, uint64_t ms);
+
+/*
+ * Closes gracefully: no more on_data, queued output is flushed (for at most
+ * shutdown_grace_ms), then the socket is closed and on_close(c, 0) runs.
+ */
+void net_conn_close(struct net_conn *c);
+/* Closes now, dropping queued output; on_close(c, err) follows. */
+void net_conn_abort(struct net_conn *c, int err);
+
+#endif
