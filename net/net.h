@@ -98,6 +98,9 @@ void net_engine_free(struct net_engine **e);
 int net_engine_listen(struct net_engine *e, const char *host, uint16_t port,
 		      const struct net_proto *proto, void *ctx);
 
+/* The port listener number `i` (in order of net_engine_listen calls) is bound to: useful after asking for port 0. */
+uint16_t net_engine_listener_port(const struct net_engine *e, unsigned i);
+
 /* The number of workers the engine will run. */
 unsigned net_engine_workers(const struct net_engine *e);
 

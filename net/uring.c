@@ -101,6 +101,12 @@ enum conn_flag {
 	CF_ADDRS = 1u << 10,      /* peer/local filled */
 	CF_EOF = 1u << 11,        /* peer closed its side */
 	CF_SHUT_ASKED = 1u << 12, /* on_shutdown was called */
+	CF_STARVED = 1u << 13,    /* recv ended with ENOBUFS: re-armed when buffers come back */
+};
+
+struct held_buf {
+	uint16_t bid;
+	uint32_t len;
 };
 
 struct net_conn {
@@ -117,6 +123,9 @@ struct net_conn {
 	size_t pending;
 	struct net_conn *dirty_next;
 	struct net_timer timer;
+	/* input received while reading was paused: delivered, in order, on resume */
+	struct held_buf *held;
+	unsigned held_n, held_head, held_cap;
 	struct msghdr msg;
 	struct iovec iov[SEND_IOV];
 	struct sockaddr_storage peer;
@@ -162,6 +171,8 @@ struct net_worker {
 	uint32_t *next_free;
 	unsigned nconns;
 	struct net_conn *dirty;
+	uint64_t *starved; /* (slot, generation) of recvs that ran out of buffers */
+	unsigned starved_n, starved_cap;
 
 	/* segment pools */
 	struct seg *chunk_pool;
@@ -415,10 +426,22 @@ static struct net_conn *conn_alloc(struct net_worker *w)
 	return c;
 }
 
+static void buf_return(struct net_worker *w, unsigned bid);
+
+static void held_drop(struct net_conn *c)
+{
+	for (unsigned i = c->held_head; i < c->held_n; i++)
+		buf_return(c->w, c->held[i].bid);
+	free(c->held);
+	c->held = NULL;
+	c->held_n = c->held_head = c->held_cap = 0;
+}
+
 static void conn_release(struct net_conn *c)
 {
 	struct net_worker *w = c->w;
 	out_clear(c);
+	held_drop(c);
 	net_timer_stop(w, &c->timer);
 	c->flags = 0;
 	c->gen++;
@@ -520,6 +543,41 @@ static void conn_finish(struct net_conn *c)
 	conn_release(c);
 }
 
+static void held_deliver(struct net_conn *c)
+{
+	struct net_worker *w = c->w;
+	while (c->held_head < c->held_n && conn_wants_read(c)) {
+		struct held_buf hb = c->held[c->held_head++];
+		struct iovec iov = {w->bufs + (size_t)hb.bid * w->e->cfg.buf_size, hb.len};
+		c->proto->on_data(c, &iov, 1);
+		buf_return(w, hb.bid);
+	}
+	if (c->held_head == c->held_n)
+		c->held_head = c->held_n = 0;
+}
+
+static int held_push(struct net_conn *c, unsigned bid, uint32_t len)
+{
+	if (c->held_n == c->held_cap) {
+		if (c->held_head) {
+			memmove(c->held, c->held + c->held_head,
+				(c->held_n - c->held_head) * sizeof(*c->held));
+			c->held_n -= c->held_head;
+			c->held_head = 0;
+		}
+		if (c->held_n == c->held_cap) {
+			unsigned cap = c->held_cap ? c->held_cap * 2 : 8;
+			struct held_buf *h = realloc(c->held, cap * sizeof(*h));
+			if (!h)
+				return -ENOMEM;
+			c->held = h;
+			c->held_cap = cap;
+		}
+	}
+	c->held[c->held_n++] = (struct held_buf){(uint16_t)bid, len};
+	return 0;
+}
+
 /* Decides what a connection needs at the end of a loop turn. */
 static void conn_service(struct net_conn *c)
 {
@@ -539,8 +597,14 @@ static void conn_service(struct net_conn *c)
 			cancel_recv(c);
 		return;
 	}
+	if (conn_wants_read(c) && c->held_n)
+		held_deliver(c);
+	if (!(c->flags & CF_OPEN) || (c->flags & (CF_ABORT | CF_CLOSING))) {
+		conn_kick(c); /* the protocol closed it while taking held input */
+		return;
+	}
 	if (conn_wants_read(c)) {
-		if (!(c->flags & CF_RECV_ARMED))
+		if (!(c->flags & (CF_RECV_ARMED | CF_STARVED)))
 			arm_recv(c);
 	} else if (c->flags & CF_RECV_ARMED) {
 		cancel_recv(c);
@@ -810,12 +874,19 @@ static void on_recv_cqe(struct net_worker *w, uint64_t ud, const struct io_uring
 	}
 	int res = cqe->res;
 	if (res > 0) {
-		if (has_buf) {
-			if (!(c->flags & (CF_CLOSING | CF_ABORT)) && c->proto->on_data) {
-				struct iovec iov = {w->bufs + (size_t)bid * w->e->cfg.buf_size,
-						    (size_t)res};
-				c->proto->on_data(c, &iov, 1);
+		if (!has_buf)
+			return;
+		if ((c->flags & (CF_CLOSING | CF_ABORT)) || !c->proto->on_data) {
+			buf_return(w, bid);
+		} else if (!conn_wants_read(c) || c->held_n) {
+			/* paused: keep the buffer (it counts against the ring) until resumed */
+			if (held_push(c, bid, (uint32_t)res) < 0) {
+				buf_return(w, bid);
+				net_conn_abort(c, -ENOMEM);
 			}
+		} else {
+			struct iovec iov = {w->bufs + (size_t)bid * w->e->cfg.buf_size, (size_t)res};
+			c->proto->on_data(c, &iov, 1);
 			buf_return(w, bid);
 		}
 		return;
@@ -828,10 +899,24 @@ static void on_recv_cqe(struct net_worker *w, uint64_t ud, const struct io_uring
 		return;
 	}
 	switch (res) {
-	case -ENOBUFS: /* the buffer ring ran dry: re-armed at turn end, once buffers are back */
+	case -ENOBUFS: /* the buffer ring ran dry: re-armed once buffers are back */
 		log_once(LOG_WARN, "net: provided buffers exhausted (buf_count %u); "
 				   "consider raising it",
 			 w->e->cfg.buf_count);
+		if (!(c->flags & CF_STARVED)) {
+			if (w->starved_n == w->starved_cap) {
+				unsigned cap = w->starved_cap ? w->starved_cap * 2 : 64;
+				uint64_t *n = realloc(w->starved, cap * sizeof(*n));
+				if (!n) {
+					net_conn_abort(c, -ENOMEM);
+					return;
+				}
+				w->starved = n;
+				w->starved_cap = cap;
+			}
+			w->starved[w->starved_n++] = ud_pack(OP_RECV, c->idx, c->gen);
+			c->flags |= CF_STARVED;
+		}
 		return;
 	case -ECANCELED:
 		return;
@@ -1042,6 +1127,8 @@ static void worker_teardown(struct net_worker *w)
 	free(w->conns);
 	free(w->next_free);
 	free(w->heap);
+	free(w->starved);
+	w->starved = NULL;
 	w->bufs = NULL;
 	w->conns = NULL;
 	w->next_free = NULL;
@@ -1122,15 +1209,26 @@ static void worker_loop(struct net_worker *w)
 		/* end of turn: services, buffers back to the kernel, one submission */
 		if (w->e->hooks.turn_end)
 			w->e->hooks.turn_end(w, w->e->hooks.arg);
-		while (w->dirty) {
-			struct net_conn *c = w->dirty;
-			w->dirty = c->dirty_next;
-			conn_service(c);
-		}
-		if (w->bufs_returned) {
-			io_uring_buf_ring_advance(w->br, (int)w->bufs_returned);
-			w->bufs_returned = 0;
-		}
+		do {
+			while (w->dirty) {
+				struct net_conn *c = w->dirty;
+				w->dirty = c->dirty_next;
+				conn_service(c);
+			}
+			if (w->bufs_returned) {
+				io_uring_buf_ring_advance(w->br, (int)w->bufs_returned);
+				w->bufs_returned = 0;
+				/* buffers are back: recvs that ran dry may go again */
+				for (unsigned i = 0; i < w->starved_n; i++) {
+					struct net_conn *c = conn_lookup(w, w->starved[i]);
+					if (c) {
+						c->flags &= ~CF_STARVED;
+						conn_kick(c);
+					}
+				}
+				w->starved_n = 0;
+			}
+		} while (w->dirty);
 		if (w->stopping && w->nconns == 0)
 			break;
 		struct __kernel_timespec ts, *tsp = NULL;
@@ -1293,6 +1391,11 @@ void net_engine_free(struct net_engine **ep)
 	free(e->workers);
 	free(e);
 	*ep = NULL;
+}
+
+uint16_t net_engine_listener_port(const struct net_engine *e, unsigned i)
+{
+	return i < e->nlisteners ? e->listeners[i].port : 0;
 }
 
 unsigned net_engine_workers(const struct net_engine *e)
