@@ -19,11 +19,19 @@
  * CR, LF.LF, LF.CRLF or CRLF.LF never end the data (SMTP smuggling); such bytes
  * are passed through as body and reported in the end event's flags so the
  * server can apply its policy. The CRLF before the final "." belongs to the
- * body. When a CR at the end of one input may start the end marker, it is held
- * back and later emitted from a static "\r\n"-style constant, not from input.
+ * body and is yielded at once. A "." is un-stuffed only at the start of the
+ * data or after CRLF (never after a bare LF), whatever follows it: CRLF ".\n"
+ * yields CRLF "\n". The only octet held back is the CR of CRLF "." CR when an
+ * input ends there; if no LF follows, it is yielded from a static constant (a
+ * 1-octet BODY not inside any input). max_text_line counts the un-stuffed
+ * octets of a line through its LF (a bare LF ends a line for this count).
  *
  * BDAT: exactly `size` octets are yielded as body, unchanged (no un-stuffing,
  * no end-marker search), then SMTP_EV_BDAT_END.
+ *
+ * Command mode: a line longer than max_command_line (octets through its LF)
+ * is skipped without being stored; SMTP_EV_COMMAND_TOO_LONG comes once, when
+ * its LF is consumed, so replies stay in order with pipelined commands.
  *
  * Thread-safety: a parser belongs to one connection, used by one thread.
  */
@@ -106,7 +114,13 @@ enum smtp_mode smtp_parser_mode(const struct smtp_parser *p);
  * Returns 1 with *ev filled when an event is ready, 0 when all of `in` was
  * consumed without completing one (feed more). In both cases *used_r is the
  * number of octets of `in` consumed; call again with in + *used_r for the rest.
- * A 1 may come with *used_r == len. Never fails: protocol errors are events.
+ * A 1 may come with *used_r == len (or 0): keep calling, even with len 0,
+ * until it returns 0 (BDAT_END, for one, needs no input: after BDAT 0 it comes
+ * from a call with len 0). Never fails: protocol errors are events.
+ * Slices point into `in`, except a command line that straddled inputs (it is
+ * in the parser's buffer, valid until the next call on p) and a held-back CR.
+ * Events other than COMMAND and BODY have data NULL and len 0; flags are 0 on
+ * every event but COMMAND and DATA_END.
  */
 int smtp_parser_next(struct smtp_parser *p, const char *in, size_t len, size_t *used_r,
 		     struct smtp_event *ev);
@@ -176,6 +190,17 @@ enum smtp_cmd_error {
  * domain literals ([192.0.2.1], [IPv6:...]) are accepted; "postmaster" without
  * a domain is valid for RCPT. All slices in *cmd point into `line`.
  * Returns SMTP_CMD_OK or an error.
+ *
+ * Details: the verb must start the line and ends at the first SP; trailing SP
+ * and HTAB of the line are ignored. The path needs its angle brackets; SP is
+ * allowed before "FROM:"/"TO:" and after the colon, and parameters are
+ * separated by one or more SP. Octets >= 0x80 in the address must be
+ * well-formed UTF-8 (they set addr_utf8). Domain literals are IPv4 or
+ * "IPv6:" only (RFC 5321 4.1.3; "::" stands for at least two groups). HELO,
+ * EHLO, VRFY, EXPN, AUTH, MAIL, RCPT and BDAT need an argument; NOOP and HELP
+ * take any. The BDAT size is 1*DIGIT up to 2^63. On an error, verb, arg and
+ * arg_len are still set; the other fields are unspecified. params[] entries
+ * past nparams are not touched.
  */
 enum smtp_cmd_error smtp_command_parse(const char *line, size_t len, const struct smtp_limits *lim,
 				       struct smtp_command *cmd);
