@@ -514,11 +514,16 @@ static void submit_send(struct net_conn *c)
 	}
 	if (!n)
 		return;
-	memset(&c->msg, 0, sizeof(c->msg));
-	c->msg.msg_iov = c->iov;
-	c->msg.msg_iovlen = n;
 	struct io_uring_sqe *sqe = get_sqe(c->w);
-	io_uring_prep_sendmsg(sqe, c->fd, &c->msg, MSG_NOSIGNAL);
+	if (n == 1) {
+		/* the common case (a batch of replies): plain send, no msghdr to import */
+		io_uring_prep_send(sqe, c->fd, c->iov[0].iov_base, c->iov[0].iov_len, MSG_NOSIGNAL);
+	} else {
+		memset(&c->msg, 0, sizeof(c->msg));
+		c->msg.msg_iov = c->iov;
+		c->msg.msg_iovlen = n;
+		io_uring_prep_sendmsg(sqe, c->fd, &c->msg, MSG_NOSIGNAL);
+	}
 	io_uring_sqe_set_data64(sqe, ud_pack(OP_SEND, c->idx, c->gen));
 	c->flags |= CF_SENDING;
 }
