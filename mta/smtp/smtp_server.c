@@ -955,13 +955,19 @@ static void handle_event(struct smtp_session *s, const struct smtp_event *ev)
 static size_t sess_run(struct smtp_session *s, const char *p, size_t n)
 {
 	size_t done = 0;
-	while (done < n && !s->suspended && !s->closing) {
+	/*
+	 * Until the parser says it needs more (0), even with no input left: a BDAT
+	 * chunk that ends exactly at the end of the input, or a held-back CR, is
+	 * yielded by a call that consumes nothing.
+	 */
+	while (!s->suspended && !s->closing) {
 		size_t used = 0;
 		struct smtp_event ev;
-		int r = smtp_parser_next(&s->parser, p + done, n - done, &used, &ev);
+		int r = smtp_parser_next(&s->parser, done < n ? p + done : NULL, n - done, &used, &ev);
 		done += used;
-		if (r == 1)
-			handle_event(s, &ev);
+		if (r == 0)
+			break;
+		handle_event(s, &ev);
 	}
 	return s->closing ? n : done;
 }
@@ -989,11 +995,11 @@ static int backlog_append(struct smtp_session *s, const char *p, size_t n)
 
 static void sess_process_backlog(struct smtp_session *s)
 {
-	while (s->backlog_off < s->backlog_len && !s->suspended && !s->closing) {
-		size_t used = sess_run(s, s->backlog + s->backlog_off,
-				       s->backlog_len - s->backlog_off);
-		s->backlog_off += used;
-	}
+	/* at least once: the parser may owe an event that consumes no input */
+	do {
+		size_t left = s->backlog_len - s->backlog_off;
+		s->backlog_off += sess_run(s, left ? s->backlog + s->backlog_off : NULL, left);
+	} while (s->backlog_off < s->backlog_len && !s->suspended && !s->closing);
 	if (s->backlog_off >= s->backlog_len)
 		s->backlog_off = s->backlog_len = 0;
 	if (!s->suspended && !s->closing)
