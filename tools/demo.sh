@@ -7,7 +7,7 @@ bench=build/bench/posthaste-bench
 [ -x "$bench" ] || { echo "demo: run tools/setup.sh first" >&2; exit 1; }
 
 port=${PORT:-2525}
-messages=${MESSAGES:-50000}
+messages=${MESSAGES:-200000}
 "$bench" sink --listen "127.0.0.1:$port" --quiet > /tmp/posthaste-demo-sink.json &
 sink=$!
 trap 'kill "$sink" 2>/dev/null || true' EXIT
@@ -17,8 +17,8 @@ for _ in $(seq 50); do
 done
 
 echo "== posthaste-bench send: $messages messages of 1 KiB over 50 connections to 127.0.0.1:$port"
-"$bench" send --server "127.0.0.1:$port" --connections 50 --messages "$messages" --size 1024 \
-  --workers 1
+"$bench" send --server "127.0.0.1:$port" --connections 50 --messages "$messages" --size 1024
+
 kill -TERM "$sink"
 wait "$sink" || true
 trap - EXIT

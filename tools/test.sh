@@ -28,7 +28,7 @@ run_meson_tests() { # builddir label
   unshare -n sh -c 'ip link set lo up && exec meson test "$@"' sh -C "$b" --suite unit \
     --print-errorlogs --num-processes 2 >"$out/$label.log" 2>&1
   tail -n 12 "$out/$label.log"
-  read -r p f s < <(python3 tools/count_results.py meson "$b/meson-logs/testlog.json")
+  read -r p f s < <(/usr/bin/python3 tools/count_results.py meson "$b/meson-logs/testlog.json")
   add "$p" "$f" "$s" "$label"
 }
 
@@ -39,9 +39,9 @@ run_integration() { # builddir label
     step_fail "$label"
     return
   fi
-  POSTHASTE_BUILD="$root/$b" unshare -n sh -c 'ip link set lo up && exec python3 -m pytest -q -p no:cacheprovider "$@"' \
+  POSTHASTE_BUILD="$root/$b" unshare -n sh -c 'ip link set lo up && exec /usr/bin/python3 -m pytest -q -p no:cacheprovider "$@"' \
     sh tests/integration --junitxml="$out/$label.xml" 2>&1 | tail -n 25
-  read -r p f s < <(python3 tools/count_results.py junit "$out/$label.xml")
+  read -r p f s < <(/usr/bin/python3 tools/count_results.py junit "$out/$label.xml")
   add "$p" "$f" "$s" "$label"
 }
 
