@@ -125,7 +125,8 @@ static const struct reply_def replies[RP_COUNT] = {
 	[RP_NESTED_MAIL] = ERROR("503 5.5.1 Error: nested MAIL command"),
 	[RP_NEED_MAIL] = ERROR("503 5.5.1 Error: need MAIL command"),
 	[RP_NEED_RCPT] = ERROR("503 5.5.1 Error: need RCPT command"),
-	[RP_NO_VALID_RCPT] = ERROR("554 5.5.1 Error: no valid recipients"),
+	/* what a pipelining client gets after its RCPTs were refused: not its error */
+	[RP_NO_VALID_RCPT] = REPLY("554 5.5.1 Error: no valid recipients"),
 	[RP_DATA_AFTER_BDAT] = ERROR("503 5.5.1 Error: DATA and BDAT may not be mixed"),
 	[RP_BDAT_PENDING] = ERROR("503 5.5.1 Error: BDAT transaction in progress"),
 	[RP_TOO_MANY_RCPTS] = REPLY("452 4.5.3 Error: too many recipients"),
@@ -167,6 +168,8 @@ struct smtp_session {
 	bool waiting_txn;    /* txn_end returned 0: smtp_session_txn_done owed */
 	bool suspended;      /* input processing stopped until an answer is sent */
 	bool shutdown_asked; /* the engine is stopping: say 421 once the answer is out */
+	bool mail_failed;    /* the last MAIL was refused: the RCPT/DATA pipelined after it
+				are answered 503 without counting as the client's errors */
 	uint64_t last_ms;
 	char helo[256];
 
@@ -630,6 +633,7 @@ static void do_mail(struct smtp_session *s, struct smtp_command *cmd)
 		return;
 	}
 	s->sender_len = cmd->addr_len;
+	s->mail_failed = false;
 	s->body = body;
 	s->smtputf8 = utf8;
 	s->ret = ret;
@@ -799,7 +803,11 @@ static void bdat_chunk_end(struct smtp_session *s)
 {
 	s->state = s->bdat_prev;
 	if (s->state != S_RCPT) {
-		reply(s, s->bdat_reply); /* not in a transaction with recipients */
+		/* not in a transaction with recipients */
+		if (s->bdat_reply == RP_NEED_MAIL && s->mail_failed)
+			send_raw(s, replies[RP_NEED_MAIL].line, strlen(replies[RP_NEED_MAIL].line));
+		else
+			reply(s, s->bdat_reply);
 		return;
 	}
 	if (s->bdat_fail) {
@@ -907,11 +915,23 @@ static void handle_command(struct smtp_session *s, const char *line, size_t len,
 		reply(s, RP_BDAT_PENDING);
 		return;
 	}
+	if (cmd.verb == SMTP_VERB_MAIL)
+		s->mail_failed = true; /* until do_mail accepts it */
+	else if (cmd.verb == SMTP_VERB_RSET || cmd.verb == SMTP_VERB_HELO ||
+		 cmd.verb == SMTP_VERB_EHLO)
+		s->mail_failed = false;
 	if (!(def->states & s->state)) {
 		enum reply_id r = s->state == S_GREET ? def->refuse_greet
 				  : s->state == S_READY ? def->refuse_ready
 							: def->refuse_txn;
-		reply(s, r ? r : RP_NEED_MAIL);
+		if (!r)
+			r = RP_NEED_MAIL;
+		if (r == RP_NEED_MAIL && s->mail_failed) {
+			const char *l = replies[r].line;
+			send_raw(s, l, strlen(l)); /* the consequence of a refused MAIL */
+		} else {
+			reply(s, r);
+		}
 		return;
 	}
 	if (err != SMTP_CMD_OK) {
