@@ -132,7 +132,12 @@ uint64_t histogram_percentile(const struct histogram *h, double p)
 		return h->max;
 	if (p < 0.0)
 		p = 0.0;
-	rank = (uint64_t)ceil(p / 100.0 * (double)h->count);
+	/* the nearest rank, ceil(p% of count), without floating-point noise pushing
+	   an exact product (99.9% of 1000 = 999.0000000000001) up by one */
+	double x = p * (double)h->count / 100.0;
+	rank = (uint64_t)x;
+	if ((double)rank < x - x * 1e-12)
+		rank++;
 	if (rank < 1)
 		rank = 1;
 	for (unsigned i = 0; i < h->top; i++) {

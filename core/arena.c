@@ -20,6 +20,8 @@ void arena_init(struct arena *a, size_t block_size)
 
 void *arena_alloc(struct arena *a, size_t size)
 {
+	if (size > SIZE_MAX - 7 - sizeof(struct arena_block))
+		return NULL; /* rounding or the block header would wrap */
 	size = (size + 7) & ~(size_t)7;
 	struct arena_block *b = a->head;
 	if (!b || b->size - b->used < size) {
@@ -40,6 +42,8 @@ void *arena_alloc(struct arena *a, size_t size)
 
 char *arena_strndup(struct arena *a, const char *s, size_t len)
 {
+	if (len == SIZE_MAX)
+		return NULL;
 	char *p = arena_alloc(a, len + 1);
 	if (!p)
 		return NULL;
@@ -50,17 +54,23 @@ char *arena_strndup(struct arena *a, const char *s, size_t len)
 
 void arena_reset(struct arena *a)
 {
-	struct arena_block *b = a->head;
-	if (!b)
-		return;
-	/* keep the oldest block, which has the usual size */
-	while (b->next) {
+	/* keep one block of the usual size for the next transaction; free the rest */
+	struct arena_block *b, *keep = NULL;
+	for (b = a->head; b; b = b->next)
+		if (b->size == a->block_size)
+			keep = b; /* the oldest such block: the one a transaction starts in */
+	b = a->head;
+	while (b) {
 		struct arena_block *n = b->next;
-		free(b);
+		if (b != keep)
+			free(b);
 		b = n;
 	}
-	b->used = 0;
-	a->head = b;
+	if (keep) {
+		keep->used = 0;
+		keep->next = NULL;
+	}
+	a->head = keep;
 	a->used_total = 0;
 }
 

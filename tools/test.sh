@@ -80,7 +80,7 @@ if command -v clang >/dev/null; then
        -Dfuzz=true -Dtests=false -Djemalloc=disabled >/dev/null 2>&1; then
     if ninja -C build-fuzz >"$out/build-fuzz.log" 2>&1; then
       for fz in build-fuzz/tests/fuzz/fuzz_*; do
-        [ -x "$fz" ] || continue
+        [ -f "$fz" ] && [ -x "$fz" ] || continue
         name=$(basename "$fz"); short=${name#fuzz_}
         corpus=$(mktemp -d)
         [ -d "tests/fuzz/corpus/$short" ] && cp -r "tests/fuzz/corpus/$short/." "$corpus/"
