@@ -4,12 +4,12 @@
 #   2. ASan+UBSan build (no jemalloc): unit tests
 #   3. integration tests (pytest driving real clients and peers) against both
 #      builds, inside a fresh network namespace (unshare -n; only loopback)
-#   4. libFuzzer targets, FUZZ_SECONDS each (default 30)
+#   4. libFuzzer targets, FUZZ_SECONDS each (default 60)
 # Run tools/setup.sh first (as root) on a fresh machine.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
-FUZZ_SECONDS=${FUZZ_SECONDS:-30}
+FUZZ_SECONDS=${FUZZ_SECONDS:-60}
 out=$root/build-test-results
 rm -rf "$out"
 mkdir -p "$out"

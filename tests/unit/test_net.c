@@ -385,28 +385,50 @@ static int dial_init(struct net_worker *w, void *arg)
 	return net_connect(w, (struct sockaddr *)&d->to, sizeof(d->to), &out_proto, d);
 }
 
-static void test_connect(void **state)
+/* A loopback socket bound to an ephemeral port; listening or not. */
+static int bound_socket(struct sockaddr_in *sa, bool listening)
 {
-	(void)state;
-	int lfd = socket(AF_INET, SOCK_STREAM, 0);
-	struct sockaddr_in sa = {.sin_family = AF_INET};
-	inet_pton(AF_INET, "127.0.0.1", &sa.sin_addr);
-	assert_int_equal(bind(lfd, (struct sockaddr *)&sa, sizeof(sa)), 0);
-	assert_int_equal(listen(lfd, 4), 0);
-	socklen_t l = sizeof(sa);
-	getsockname(lfd, (struct sockaddr *)&sa, &l);
+	int fd = socket(AF_INET, SOCK_STREAM, 0);
+	*sa = (struct sockaddr_in){.sin_family = AF_INET};
+	inet_pton(AF_INET, "127.0.0.1", &sa->sin_addr);
+	assert_int_equal(bind(fd, (struct sockaddr *)sa, sizeof(*sa)), 0);
+	if (listening)
+		assert_int_equal(listen(fd, 4), 0);
+	socklen_t l = sizeof(*sa);
+	getsockname(fd, (struct sockaddr *)sa, &l);
+	return fd;
+}
 
-	struct dial_ctx d = {.to = sa};
+/* Starts an engine whose only worker dials d->to from its init hook. */
+static void dialer_start(struct harness *h, struct dial_ctx *d)
+{
 	struct net_config cfg;
 	net_config_default(&cfg);
 	cfg.workers = 1;
 	cfg.pin = false;
 	cfg.buf_count = 64;
-	struct net_worker_hooks hooks = {.init = dial_init, .arg = &d};
+	struct net_worker_hooks hooks = {.init = dial_init, .arg = d};
+	h->e = net_engine_new(&cfg, &hooks);
+	assert_non_null(h->e);
+	assert_int_equal(pthread_create(&h->thread, NULL, run_engine, h), 0);
+}
+
+static void wait_closed(struct dial_ctx *d)
+{
+	uint64_t deadline = clock_ms() + 5000;
+	while (!d->closed && clock_ms() < deadline)
+		usleep(1000);
+	assert_true(d->closed);
+}
+
+static void test_connect(void **state)
+{
+	(void)state;
+	struct sockaddr_in sa;
+	int lfd = bound_socket(&sa, true);
+	struct dial_ctx d = {.to = sa};
 	struct harness h = {0};
-	h.e = net_engine_new(&cfg, &hooks);
-	assert_non_null(h.e);
-	assert_int_equal(pthread_create(&h.thread, NULL, run_engine, &h), 0);
+	dialer_start(&h, &d);
 
 	int fd = accept(lfd, NULL, NULL);
 	assert_true(fd >= 0);
@@ -415,10 +437,7 @@ static void test_connect(void **state)
 	assert_memory_equal(buf, "ping", 4);
 	assert_int_equal(write(fd, "pong", 4), 4);
 	close(fd); /* EOF: the engine closes its side */
-	uint64_t deadline = clock_ms() + 5000;
-	while (!d.closed && clock_ms() < deadline)
-		usleep(1000);
-	assert_true(d.closed);
+	wait_closed(&d);
 	assert_int_equal(d.open_err, 0);
 	assert_int_equal(d.got_len, 4);
 	assert_memory_equal(d.got, "pong", 4);
@@ -429,30 +448,12 @@ static void test_connect(void **state)
 static void test_connect_refused(void **state)
 {
 	(void)state;
-	/* a port with nothing listening: bind, learn the port, close */
-	int lfd = socket(AF_INET, SOCK_STREAM, 0);
-	struct sockaddr_in sa = {.sin_family = AF_INET};
-	inet_pton(AF_INET, "127.0.0.1", &sa.sin_addr);
-	assert_int_equal(bind(lfd, (struct sockaddr *)&sa, sizeof(sa)), 0);
-	socklen_t l = sizeof(sa);
-	getsockname(lfd, (struct sockaddr *)&sa, &l);
-	close(lfd);
-
+	struct sockaddr_in sa;
+	close(bound_socket(&sa, false)); /* a port with nothing listening */
 	struct dial_ctx d = {.to = sa};
-	struct net_config cfg;
-	net_config_default(&cfg);
-	cfg.workers = 1;
-	cfg.pin = false;
-	cfg.buf_count = 64;
-	struct net_worker_hooks hooks = {.init = dial_init, .arg = &d};
 	struct harness h = {0};
-	h.e = net_engine_new(&cfg, &hooks);
-	assert_non_null(h.e);
-	assert_int_equal(pthread_create(&h.thread, NULL, run_engine, &h), 0);
-	uint64_t deadline = clock_ms() + 5000;
-	while (!d.closed && clock_ms() < deadline)
-		usleep(1000);
-	assert_true(d.closed);
+	dialer_start(&h, &d);
+	wait_closed(&d);
 	assert_int_equal(d.open_err, -ECONNREFUSED);
 	harness_stop(&h);
 }
