@@ -168,6 +168,7 @@ static void sink_usage(FILE *f)
 	      "  --max-recipients N       recipients per message (default 1000)\n"
 	      "  --timeout SECONDS        command/data timeout (default 300/180)\n"
 	      "  --hostname NAME          name in the greeting (default: the host's name)\n"
+	      "  --max-connections N      connections per worker (default 16384); more get 421\n"
 	      "  --quiet                  log errors only\n"
 	      "On SIGTERM or SIGINT it stops and prints one JSON line of counts.\n",
 	      f);
@@ -195,6 +196,7 @@ int sink_main(int argc, char **argv)
 		{"max-recipients", required_argument, NULL, 'r'},
 		{"timeout", required_argument, NULL, 't'},
 		{"hostname", required_argument, NULL, 'H'},
+		{"max-connections", required_argument, NULL, 'c'},
 		{"quiet", no_argument, NULL, 'q'},
 		{"help", no_argument, NULL, 'h'},
 		{NULL, 0, NULL, 0},
@@ -282,6 +284,13 @@ int sink_main(int argc, char **argv)
 			break;
 		case 'H':
 			scfg.hostname = optarg;
+			break;
+		case 'c':
+			if (parse_u64(optarg, &v) < 0 || v < 1 || v > 1000000) {
+				fprintf(stderr, "sink: --max-connections takes 1..1000000\n");
+				return 2;
+			}
+			ncfg.max_conns = (unsigned)v;
 			break;
 		case 'q':
 			log_set_level(LOG_ERR);

@@ -55,6 +55,12 @@ struct net_proto {
 	 * connection; free the protocol state here. No call follows.
 	 */
 	void (*on_close)(struct net_conn *c, int err);
+	/*
+	 * Optional: sent (best effort, without blocking) to a connection that is
+	 * refused because the worker's connection table is full, before it is
+	 * closed; e.g. "421 4.3.2 Too many connections\r\n". Never a silent close.
+	 */
+	const char *refuse_msg;
 };
 
 /* Per-worker hooks of the program (all optional), run on the worker thread. */

@@ -849,6 +849,11 @@ static void on_accept_cqe(struct net_worker *w, uint64_t ud, const struct io_uri
 		log_once(LOG_WARN, "net: worker connection table full (max_conns %u); "
 				   "refusing connections",
 			 w->e->cfg.max_conns);
+		if (l->proto->refuse_msg) {
+			ssize_t r = send(fd, l->proto->refuse_msg, strlen(l->proto->refuse_msg),
+					 MSG_DONTWAIT | MSG_NOSIGNAL);
+			(void)r;
+		}
 		close(fd);
 		return;
 	}

@@ -1147,6 +1147,7 @@ static const struct net_proto smtp_proto = {
 	.on_timeout = on_timeout,
 	.on_shutdown = on_shutdown,
 	.on_close = on_close,
+	.refuse_msg = "421 4.3.2 Too many connections; try again later\r\n",
 };
 
 /* ---- server ---- */

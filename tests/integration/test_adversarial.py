@@ -393,3 +393,44 @@ def test_timeout_inside_bdat_chunk(sink, dialogue):
     d.expect_closed(10)
     st = s.stop()
     assert_stats(st, messages=0, recipients=0, bytes=0, connections=s.conns(1))
+
+
+def test_connection_table_full_gets_421_not_silence(sink):
+    """Over the per-worker connection limit a client is told 421 4.3.2, never closed silently;
+    a slot freed by a closing client is usable again."""
+    s = sink("--workers", "1", "--max-connections", "5")
+    held = []
+    try:
+        for _ in range(5):
+            c = phtest.connect(s.host, s.port, timeout=30)
+            c.settimeout(30)
+            assert c.recv(4096).startswith(b"220 ")
+            held.append(c)
+        extra = phtest.connect(s.host, s.port, timeout=30)
+        extra.settimeout(30)
+        got = b""
+        for _ in range(100):
+            data = extra.recv(4096)
+            if not data:
+                break
+            got += data
+        extra.close()
+        assert got.startswith(b"421 4.3.2"), "refused connection got %r" % got
+        held.pop().close()
+        deadline = time.monotonic() + 10
+        greeted = False
+        while time.monotonic() < deadline and not greeted:
+            c = phtest.connect(s.host, s.port, timeout=30)
+            c.settimeout(30)
+            greeted = c.recv(4096).startswith(b"220 ")
+            c.close()
+            if not greeted:
+                time.sleep(0.1)
+        assert greeted, "no connection accepted after a slot was freed"
+        held.pop().close()
+        m, r, b = check_normal_client(s)
+    finally:
+        for c in held:
+            c.close()
+    st = s.stop()
+    assert st["messages"] == m and st["recipients"] == r and st["bytes"] == b
