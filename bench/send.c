@@ -7,7 +7,11 @@
  * ends with QUIT. With PIPELINING, MAIL, the RCPTs and DATA go out in one
  * write, and the body with its final dot goes out together with the next
  * message's MAIL, RCPTs and DATA (one round trip per message); with BDAT the
- * whole transaction is one write. A slot whose connection fails is re-opened
+ * whole transaction is one write. With --window N (BDAT, and a server that
+ * offers PIPELINING and CHUNKING) a slot keeps up to N transactions in flight:
+ * each is written whole without waiting for a reply (RFC 2920 does not end a
+ * group at BDAT; RFC 3030 4.2 pipelines it), and the replies are matched to
+ * them in order. A slot whose connection fails is re-opened
  * with a backoff, up to SEND_MAX_FAILURES failures in a row (an accepted
  * message resets the count). The sender leaves its workers unpinned: it
  * usually shares the host with the server under test.
@@ -51,7 +55,10 @@
 #define SEND_MAX_ADDR     256
 #define SEND_LINE_CHARS   76 /* body line length without CRLF */
 #define SEND_PROGRESS_MS  1000
-#define SEND_HDR_MAX      512 /* BDAT command + per-message header */
+#define SEND_HDR_MAX      512  /* BDAT command + per-message header */
+#define SEND_MAX_WINDOW   256  /* --window: transactions in flight per connection */
+#define SEND_WIN_CMDS_MAX 1024 /* windowed: a longer MAIL + RCPTs block is queued by reference */
+#define SEND_WIN_BUF      (8 + SEND_WIN_CMDS_MAX + 48 + SEND_HDR_MAX)
 
 /* ---- options and process context ---- */
 
@@ -68,6 +75,7 @@ struct send_opts {
 	double timeout_s;
 	int pipelining; /* -1 auto (when offered), 0 off, 1 on */
 	bool bdat;
+	unsigned window; /* BDAT transactions in flight per connection (1: one at a time) */
 	bool json;
 	const char *from;
 	const char *to;
@@ -110,8 +118,9 @@ struct send_ctx {
 	size_t helo_len;
 	/* the message after the per-message header, then ".\r\n" */
 	char *msg;
-	size_t msg_len; /* without the final dot line */
-	size_t hdr_len; /* the per-message header's (constant) length */
+	size_t msg_len;     /* without the final dot line */
+	size_t hdr_len;     /* the per-message header's (constant) length */
+	bool win_copy_cmds; /* windowed: MAIL + RCPTs within SEND_WIN_CMDS_MAX, copied */
 	uint32_t nonce;
 	uint64_t timeout_ms;
 	uint64_t deadline_ms; /* clock_ms() after which no message is claimed (duration mode) */
@@ -149,6 +158,21 @@ static const char *const sess_state_names[] = {
     [S_RSET] = "RSET",      [S_QUIT] = "QUIT",
 };
 
+/*
+ * One transaction of a window (--window > 1): written whole, then matched to
+ * its replies in order: RSET's when rset, MAIL's, R RCPT replies, BDAT's.
+ */
+struct win_txn {
+	uint64_t msg_no;
+	uint64_t t0_ns; /* when its first command was queued */
+	unsigned step;  /* replies received */
+	unsigned rcpt_ok;
+	uint8_t fail_class; /* 0, or 4/5: the class of the first failing reply */
+	bool rset;          /* an RSET went out ahead of its MAIL */
+	bool mail_ok;
+	bool rcpt_temp;
+};
+
 struct sess {
 	struct send_worker *w;
 	struct net_conn *conn;
@@ -176,6 +200,24 @@ struct sess {
 	bool next_claimed;
 	uint64_t next_msg_no;
 	uint64_t next_t0_ns;
+	/*
+	 * --window > 1 (this connection offers PIPELINING and CHUNKING): the
+	 * transactions in flight are ring[ring_head ..] (inflight of them, oldest
+	 * first); in_txn and the fields above are unused. S_TXN while any is.
+	 */
+	unsigned window; /* 1: one transaction at a time */
+	unsigned ring_head, inflight;
+	struct win_txn *ring; /* window entries of the worker's array */
+	/*
+	 * Set by the slot's first refused windowed transaction, never cleared:
+	 * from then on each transaction it writes starts with RSET. A server may
+	 * keep the envelope of a refused transaction (a MAIL whose RCPTs were all
+	 * refused), and the transactions already written behind it would run
+	 * into that envelope; one RSET per message is the price only once the
+	 * server refuses messages at all.
+	 */
+	bool rset_first;
+	bool win_done;     /* a transaction ended in this batch of input: refill the window */
 	unsigned failures; /* consecutive connection failures */
 	struct net_timer retry;
 	struct sess *wait_prev, *wait_next;
@@ -187,7 +229,8 @@ struct send_worker {
 	unsigned index;
 	struct sess *sess;
 	unsigned nsess;
-	unsigned live; /* slots not finished */
+	unsigned live;        /* slots not finished */
+	struct win_txn *ring; /* nsess x --window entries when --window > 1, else NULL */
 	struct send_stats st;
 	struct histogram *hist;
 	/* rate limiter: a token bucket with this worker's share of --rate */
@@ -204,11 +247,14 @@ struct send_worker {
 	time_t date_sec;
 	char date[64];
 	char hdr[SEND_HDR_MAX];
+	char wbuf[SEND_WIN_BUF]; /* windowed: [RSET] MAIL RCPTs BDAT header, copied by net_send */
 } cache_aligned;
 
 static void sess_next(struct sess *s);
 static void sess_connect(struct sess *s);
 static void sess_fail(struct sess *s, int err, const char *fmt, ...) printf_like(3, 4);
+static bool sess_win_push(struct sess *s, uint64_t msg_no);
+static void sess_win_fill(struct sess *s);
 
 /* ---- stopping ---- */
 
@@ -338,6 +384,14 @@ static void sess_start_txn(struct sess *s, uint64_t msg_no)
 	bool ok;
 
 	STAT_ADD(w, sent, 1);
+	if (s->window > 1) {
+		s->state = S_TXN;
+		if (sess_win_push(s, msg_no))
+			sess_win_fill(s);
+		if (s->conn && !s->closing)
+			sess_arm(s);
+		return;
+	}
 	sess_txn_begin(s, msg_no, clock_ns());
 	if (s->pipelining) {
 		if (s->bdat)
@@ -386,6 +440,36 @@ static void rate_refill(struct send_worker *w)
 }
 
 /*
+ * Claims a message for a transaction queued behind others, only if one and a
+ * rate token (no slot waiting for one first) are at hand: true with *msg_no_r
+ * set and the message counted sent, false with nothing taken.
+ */
+static bool sess_try_claim(struct sess *s, uint64_t *msg_no_r)
+{
+	struct send_worker *w = s->w;
+	struct send_ctx *ctx = w->ctx;
+	uint64_t n;
+
+	if (net_worker_stopping(w->nw))
+		return false;
+	if (!ctx->o.messages && clock_ms() >= ctx->deadline_ms)
+		return false;
+	if (w->share > 0) {
+		rate_refill(w);
+		if (w->wait_head || w->tokens < 1.0)
+			return false;
+	}
+	n = atomic_fetch_add_explicit(&ctx->claimed, 1, memory_order_relaxed);
+	if (ctx->o.messages && n >= ctx->o.messages)
+		return false;
+	if (w->share > 0)
+		w->tokens -= 1.0;
+	STAT_ADD(w, sent, 1);
+	*msg_no_r = n;
+	return true;
+}
+
+/*
  * DATA with PIPELINING, after the body was queued: claims the next message
  * and queues its MAIL, RCPTs and DATA behind the final dot, in the same write
  * (RFC 2920 3.1: message content may be the first "command" of a group). Its
@@ -394,29 +478,80 @@ static void rate_refill(struct send_worker *w)
  */
 static void sess_preclaim(struct sess *s)
 {
-	struct send_worker *w = s->w;
-	struct send_ctx *ctx = w->ctx;
+	const struct send_ctx *ctx = s->w->ctx;
 	uint64_t n;
 
-	if (net_worker_stopping(w->nw))
+	if (!sess_try_claim(s, &n))
 		return;
-	if (!ctx->o.messages && clock_ms() >= ctx->deadline_ms)
-		return;
-	if (w->share > 0) {
-		rate_refill(w);
-		if (w->wait_head || w->tokens < 1.0)
-			return;
-	}
-	n = atomic_fetch_add_explicit(&ctx->claimed, 1, memory_order_relaxed);
-	if (ctx->o.messages && n >= ctx->o.messages)
-		return;
-	if (w->share > 0)
-		w->tokens -= 1.0;
-	STAT_ADD(w, sent, 1);
 	s->next_claimed = true;
 	s->next_msg_no = n;
 	s->next_t0_ns = clock_ns();
 	sess_send(s, ctx->cmds, ctx->cmds_len, true);
+}
+
+/* ---- windowed transactions (--window > 1) ---- */
+
+/*
+ * Queues transaction t whole, waiting for no reply: [RSET] MAIL, the RCPTs,
+ * "BDAT n LAST" and the message. A short command block goes out copied in one
+ * segment with the BDAT command and the per-message header (the body by
+ * reference is the other), so a window of transactions stays within the
+ * engine's iovecs for one sendmsg.
+ */
+static bool sess_win_write(struct sess *s, const struct win_txn *t)
+{
+	static const char rset[] = "RSET\r\n";
+	struct send_worker *w = s->w;
+	const struct send_ctx *ctx = w->ctx;
+	char *p = w->wbuf;
+	size_t h;
+
+	if (t->rset) {
+		memcpy(p, rset, sizeof(rset) - 1);
+		p += sizeof(rset) - 1;
+	}
+	if (ctx->win_copy_cmds) {
+		memcpy(p, ctx->cmds, ctx->data_off);
+		p += ctx->data_off;
+	} else {
+		if (p > w->wbuf && !sess_send(s, w->wbuf, (size_t)(p - w->wbuf), false))
+			return false;
+		if (!sess_send(s, ctx->cmds, ctx->data_off, true))
+			return false;
+		p = w->wbuf;
+	}
+	h = send_format_header(w, w->hdr, sizeof(w->hdr), t->msg_no);
+	p += snprintf(p, 48, "BDAT %zu LAST\r\n", h + ctx->msg_len);
+	memcpy(p, w->hdr, h);
+	p += h;
+	STAT_ADD(w, bytes, h + ctx->msg_len);
+	return sess_send(s, w->wbuf, (size_t)(p - w->wbuf), false) &&
+	       sess_send(s, ctx->msg, ctx->msg_len, true);
+}
+
+/*
+ * Appends message msg_no (claimed and counted sent) to the window and writes
+ * it. It is in flight from here on: a failed write or a lost connection ends
+ * it as a temporary failure (sess_on_close).
+ */
+static bool sess_win_push(struct sess *s, uint64_t msg_no)
+{
+	unsigned i = s->ring_head + s->inflight;
+	struct win_txn *t = &s->ring[i >= s->window ? i - s->window : i];
+
+	*t = (struct win_txn){.msg_no = msg_no, .t0_ns = clock_ns(), .rset = s->rset_first};
+	s->inflight++;
+	return sess_win_write(s, t);
+}
+
+/* Writes more transactions until the window is full or no message or rate token is at hand. */
+static void sess_win_fill(struct sess *s)
+{
+	uint64_t n;
+
+	while (s->inflight < s->window && s->conn && !s->closing && sess_try_claim(s, &n))
+		if (!sess_win_push(s, n))
+			return;
 }
 
 static void rate_fire(struct net_timer *t, struct net_worker *nw);
@@ -538,12 +673,11 @@ static void sess_txn_done(struct sess *s, unsigned cls, bool rset)
 	sess_next(s);
 }
 
-static void send_log_reject(const struct sess *s, const char *what,
-                            const struct smtp_reply_line *ln)
+static void send_log_reject(uint64_t msg_no, const char *what, const struct smtp_reply_line *ln)
 {
 	log_once(LOG_WARN, "send: first rejection (%s): %.*s", what, (int)MIN(ln->line_len, 200),
 	         ln->line);
-	log_debug("send: message %" PRIu64 " rejected at %s: %.*s", s->msg_no, what,
+	log_debug("send: message %" PRIu64 " rejected at %s: %.*s", msg_no, what,
 	          (int)MIN(ln->line_len, 200), ln->line);
 }
 
@@ -559,7 +693,7 @@ static void sess_txn_reply(struct sess *s, const struct smtp_reply_line *ln)
 			s->mail_ok = true;
 		} else {
 			s->fail_class = cls == 4 ? 4 : 5;
-			send_log_reject(s, "MAIL", ln);
+			send_log_reject(s->msg_no, "MAIL", ln);
 		}
 		if (!s->pipelining) {
 			if (s->mail_ok) {
@@ -582,7 +716,7 @@ static void sess_txn_reply(struct sess *s, const struct smtp_reply_line *ln)
 				if (cls == 4)
 					s->rcpt_temp = true;
 				if (s->rcpt_ok == 0 && k == R)
-					send_log_reject(s, "RCPT", ln);
+					send_log_reject(s->msg_no, "RCPT", ln);
 			}
 		}
 		if (k == R && s->mail_ok && s->rcpt_ok == 0 && !s->fail_class)
@@ -609,7 +743,7 @@ static void sess_txn_reply(struct sess *s, const struct smtp_reply_line *ln)
 	if (s->bdat) {
 		if (cls != 2 && !s->fail_class) {
 			s->fail_class = (uint8_t)(cls == 4 ? 4 : 5);
-			send_log_reject(s, "BDAT", ln);
+			send_log_reject(s->msg_no, "BDAT", ln);
 		}
 		sess_txn_done(s, s->fail_class, s->mail_ok);
 		return;
@@ -631,9 +765,120 @@ static void sess_txn_reply(struct sess *s, const struct smtp_reply_line *ln)
 	}
 	if (!s->fail_class) {
 		s->fail_class = (uint8_t)(cls == 4 ? 4 : 5);
-		send_log_reject(s, "DATA", ln);
+		send_log_reject(s->msg_no, "DATA", ln);
 	}
 	sess_txn_done(s, s->fail_class, s->mail_ok);
+}
+
+/* Windowed: the oldest transaction in flight is over: count it and drop it from the window. */
+static void sess_win_done(struct sess *s, const struct win_txn *t, unsigned cls)
+{
+	struct send_worker *w = s->w;
+
+	if (cls == 0) {
+		s->failures = 0; /* the connection is healthy */
+		STAT_ADD(w, accepted, 1);
+		histogram_record(w->hist, clock_ns() - t->t0_ns);
+	} else {
+		if (cls == 4)
+			STAT_ADD(w, rej_temp, 1);
+		else
+			STAT_ADD(w, rej_perm, 1);
+		s->rset_first = true;
+	}
+	s->ring_head = s->ring_head + 1 == s->window ? 0 : s->ring_head + 1;
+	s->inflight--;
+	s->win_done = true;
+}
+
+/*
+ * Windowed: one reply, for the oldest transaction in flight. Accounting as for
+ * one transaction at a time: the message is refused with the class of its
+ * first failing reply (MAIL, all RCPTs, BDAT), and accepted when BDAT LAST
+ * says 2xx. A 2xx there after a refused MAIL means the server had kept the
+ * envelope of a failed transaction this one was written behind, and took the
+ * message into it: it is counted accepted, as the server took it (and its
+ * accepted recipients with it), so the counts stay those of the server.
+ */
+static void sess_win_reply(struct sess *s, const struct smtp_reply_line *ln)
+{
+	unsigned R = s->w->ctx->o.recipients;
+	unsigned cls = ln->code / 100;
+	struct win_txn *t;
+	unsigned k;
+
+	if (unlikely(s->inflight == 0)) {
+		sess_fail(s, -EPROTO, "unexpected reply: %.*s", (int)MIN(ln->line_len, 200),
+		          ln->line);
+		return;
+	}
+	t = &s->ring[s->ring_head];
+	k = t->step++;
+	if (t->rset) {
+		if (k == 0) {
+			if (cls != 2)
+				sess_fail(s, -EPROTO, "RSET: %.*s", (int)MIN(ln->line_len, 200),
+				          ln->line);
+			return;
+		}
+		k--;
+	}
+	if (k == 0) { /* MAIL */
+		if (cls == 2) {
+			t->mail_ok = true;
+		} else {
+			t->fail_class = cls == 4 ? 4 : 5;
+			send_log_reject(t->msg_no, "MAIL", ln);
+		}
+		return;
+	}
+	if (k <= R) { /* RCPT k */
+		if (cls == 2) {
+			t->rcpt_ok++;
+			STAT_ADD(s->w, rcpt_ok, 1);
+		} else if (t->mail_ok) {
+			STAT_ADD(s->w, rcpt_rej, 1);
+			if (cls == 4)
+				t->rcpt_temp = true;
+			if (t->rcpt_ok == 0 && k == R)
+				send_log_reject(t->msg_no, "RCPT", ln);
+		}
+		if (k == R && t->mail_ok && t->rcpt_ok == 0 && !t->fail_class)
+			t->fail_class = t->rcpt_temp ? 4 : 5;
+		return;
+	}
+	/* k == R + 1: BDAT's final reply */
+	if (cls == 2) {
+		if (t->fail_class)
+			log_debug("send: message %" PRIu64 " accepted after its MAIL was refused "
+			          "(the server had kept an earlier envelope)",
+			          t->msg_no);
+		sess_win_done(s, t, 0);
+		return;
+	}
+	if (!t->fail_class) {
+		t->fail_class = (uint8_t)(cls == 4 ? 4 : 5);
+		send_log_reject(t->msg_no, "BDAT", ln);
+	}
+	sess_win_done(s, t, t->fail_class);
+}
+
+/*
+ * Windowed, after a batch of input in which a transaction ended: writes the
+ * next transactions behind those still in flight (all of them go out in this
+ * loop turn's one write), or with none left in flight goes on as after a
+ * single transaction (the rate limiter, the next claim, or QUIT).
+ */
+static void sess_win_refill(struct sess *s)
+{
+	s->win_done = false;
+	if (s->inflight == 0) {
+		sess_next(s);
+		return;
+	}
+	sess_win_fill(s);
+	if (s->conn && !s->closing)
+		sess_arm(s);
 }
 
 /* ---- connection callbacks ---- */
@@ -667,8 +912,14 @@ static void sess_greeted(struct sess *s)
 	s->pipelining =
 	    o->pipelining > 0 || (o->pipelining < 0 && (s->caps.flags & SMTP_CAP_PIPELINING));
 	s->bdat = o->bdat && (s->caps.flags & SMTP_CAP_CHUNKING);
+	s->window = 1;
 	if (o->bdat && !s->bdat)
-		log_once(LOG_WARN, "send: the server does not offer CHUNKING: using DATA");
+		log_once(LOG_WARN, "send: the server does not offer CHUNKING: using DATA%s",
+		         o->window > 1 ? " and --window 1" : "");
+	else if (o->window > 1 && !(s->pipelining && (s->caps.flags & SMTP_CAP_PIPELINING)))
+		log_once(LOG_WARN, "send: the server does not offer PIPELINING: using --window 1");
+	else if (o->window > 1)
+		s->window = o->window;
 	sess_next(s);
 }
 
@@ -712,13 +963,16 @@ static void sess_reply(struct sess *s, const struct smtp_reply_line *ln)
 			sess_fail(s, -EPROTO, "HELO: %.*s", (int)MIN(ln->line_len, 200), ln->line);
 		return;
 	case S_TXN:
-		sess_txn_reply(s, ln);
+		if (s->window > 1)
+			sess_win_reply(s, ln);
+		else
+			sess_txn_reply(s, ln);
 		return;
 	case S_BODY: {
 		unsigned cls = ln->code / 100;
 		if (cls != 2 && !s->fail_class) {
 			s->fail_class = (uint8_t)(cls == 4 ? 4 : 5);
-			send_log_reject(s, "end of data", ln);
+			send_log_reject(s->msg_no, "end of data", ln);
 		}
 		sess_txn_done(s, s->fail_class, false);
 		return;
@@ -757,6 +1011,9 @@ static void sess_on_open(struct net_conn *c, int err)
 	net_conn_set_data(c, s);
 	STAT_ADD(s->w, conns, 1);
 	smtp_reply_parser_reset(&s->parser);
+	s->window = 1;
+	s->ring_head = s->inflight = 0;
+	s->win_done = false;
 	s->state = S_GREETING;
 	sess_arm(s);
 }
@@ -791,6 +1048,8 @@ static void sess_on_data(struct net_conn *c, const struct iovec *iov, unsigned n
 				sess_reply(s, &ln);
 		}
 	}
+	if (s->win_done && s->conn == c && !s->closing && s->state == S_TXN)
+		sess_win_refill(s);
 }
 
 static void sess_on_timeout(struct net_conn *c)
@@ -867,6 +1126,12 @@ static void sess_on_close(struct net_conn *c, int err)
 		s->next_claimed = false;
 		STAT_ADD(s->w, rej_temp, 1);
 	}
+	if (s->inflight) { /* windowed: everything in flight ends as a temporary failure */
+		STAT_ADD(s->w, rej_temp, s->inflight);
+		s->inflight = 0;
+	}
+	s->ring_head = 0;
+	s->window = 1;
 	if (normal || s->stop) { /* QUIT done, or shutting down */
 		s->fail_counted = false;
 		slot_finish(s);
@@ -1001,6 +1266,10 @@ static void send_worker_fini(struct net_worker *nw, void *arg)
 			s->next_claimed = false;
 			STAT_ADD(w, rej_temp, 1);
 		}
+		if (s->inflight) {
+			STAT_ADD(w, rej_temp, s->inflight);
+			s->inflight = 0;
+		}
 	}
 }
 
@@ -1020,6 +1289,8 @@ static void send_usage(FILE *f)
 	    "  --pipelining         pipeline MAIL, RCPTs and DATA/BDAT (default: when offered)\n"
 	    "  --no-pipelining      one command per round trip\n"
 	    "  --bdat               BDAT size LAST instead of DATA when CHUNKING is offered\n"
+	    "  --window N           with --bdat, PIPELINING and CHUNKING: up to N transactions\n"
+	    "                       in flight per connection (default 1, at most 256)\n"
 	    "  --rate N             at most N messages/s overall\n"
 	    "  --workers W          worker threads (default min(2, CPUs), at most C)\n"
 	    "  --from ADDR          envelope and header sender (default sender@example.com)\n"
@@ -1119,6 +1390,7 @@ enum {
 	OPT_PIPELINING,
 	OPT_NO_PIPELINING,
 	OPT_BDAT,
+	OPT_WINDOW,
 	OPT_RATE,
 	OPT_WORKERS,
 	OPT_FROM,
@@ -1142,6 +1414,7 @@ static int send_parse_args(int argc, char **argv, struct send_opts *o)
 	    {"pipelining", no_argument, NULL, OPT_PIPELINING},
 	    {"no-pipelining", no_argument, NULL, OPT_NO_PIPELINING},
 	    {"bdat", no_argument, NULL, OPT_BDAT},
+	    {"window", required_argument, NULL, OPT_WINDOW},
 	    {"rate", required_argument, NULL, OPT_RATE},
 	    {"workers", required_argument, NULL, OPT_WORKERS},
 	    {"from", required_argument, NULL, OPT_FROM},
@@ -1160,6 +1433,7 @@ static int send_parse_args(int argc, char **argv, struct send_opts *o)
 	o->recipients = 1;
 	o->timeout_s = 60;
 	o->pipelining = -1;
+	o->window = 1;
 	o->from = "sender@example.com";
 	o->to = "user@example.com";
 	o->helo = "posthaste-bench.example";
@@ -1220,6 +1494,12 @@ static int send_parse_args(int argc, char **argv, struct send_opts *o)
 		case OPT_BDAT:
 			o->bdat = true;
 			break;
+		case OPT_WINDOW:
+			if (!send_parse_u64(optarg, 1, SEND_MAX_WINDOW, &v))
+				return send_usage_error("--window: expected 1..%u, got \"%s\"",
+				                        SEND_MAX_WINDOW, optarg);
+			o->window = (unsigned)v;
+			break;
 		case OPT_RATE:
 			if (!send_parse_double(optarg, 0.001, 1e9, &o->rate))
 				return send_usage_error(
@@ -1274,6 +1554,10 @@ static int send_parse_args(int argc, char **argv, struct send_opts *o)
 		return send_usage_error("--to: expected a plain address like user@example.com");
 	if (!send_valid_token(o->helo) || strlen(o->helo) > 200)
 		return send_usage_error("--helo: expected a host name");
+	if (o->window > 1 && (!o->bdat || o->pipelining == 0)) {
+		log_warn("send: --window needs --bdat and pipelining: using --window 1");
+		o->window = 1;
+	}
 	return 0;
 }
 
@@ -1329,6 +1613,7 @@ static int send_build(struct send_ctx *ctx)
 	ctx->cmds_len = off;
 	if (off >= cap)
 		panic("send: command block overflow");
+	ctx->win_copy_cmds = ctx->data_off <= SEND_WIN_CMDS_MAX;
 
 	ctx->ehlo = send_sprintf(&ctx->ehlo_len, "EHLO %s\r\n", o->helo);
 	ctx->helo = send_sprintf(&ctx->helo_len, "HELO %s\r\n", o->helo);
@@ -1495,6 +1780,7 @@ static void send_ctx_free(struct send_ctx *ctx)
 			for (unsigned k = 0; w->sess && k < w->nsess; k++)
 				smtp_reply_parser_deinit(&w->sess[k].parser);
 			free(w->sess);
+			free(w->ring);
 			histogram_free(&w->hist);
 		}
 		free(ctx->workers);
@@ -1568,12 +1854,17 @@ int send_main(int argc, char **argv)
 		w->live = w->nsess;
 		w->sess = calloc(w->nsess, sizeof(*w->sess));
 		w->hist = histogram_new();
-		if (!w->sess || !w->hist) {
+		if (ctx->o.window > 1)
+			w->ring = calloc((size_t)w->nsess * ctx->o.window, sizeof(*w->ring));
+		if (!w->sess || !w->hist || (ctx->o.window > 1 && !w->ring)) {
 			fprintf(stderr, "posthaste-bench send: out of memory\n");
 			goto out;
 		}
 		for (unsigned k = 0; k < w->nsess; k++) {
 			w->sess[k].w = w;
+			w->sess[k].window = 1;
+			if (w->ring)
+				w->sess[k].ring = w->ring + (size_t)k * ctx->o.window;
 			if (smtp_reply_parser_init(&w->sess[k].parser, NULL) < 0) {
 				fprintf(stderr, "posthaste-bench send: out of memory\n");
 				goto out;
@@ -1595,6 +1886,12 @@ int send_main(int argc, char **argv)
 	cfg.buf_count = MIN(next_pow2(MAX(per * 4, 256u)), 4096u);
 	if (cfg.out_high_water < ctx->o.size + ctx->hdr_len + 65536)
 		cfg.out_high_water = ctx->o.size + ctx->hdr_len + 65536;
+	/* a full window is queued at once: never refused, nor pausing the reading of its replies */
+	if (ctx->o.window > 1) {
+		size_t txn = ctx->o.size + ctx->hdr_len + ctx->cmds_len + 64;
+		if (cfg.out_high_water < ctx->o.window * txn + 65536)
+			cfg.out_high_water = ctx->o.window * txn + 65536;
+	}
 	hooks = (struct net_worker_hooks){
 	    .init = send_worker_init,
 	    .fini = send_worker_fini,

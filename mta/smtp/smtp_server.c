@@ -331,7 +331,8 @@ static void reply_verdict(struct smtp_session *s, const struct smtp_verdict *v, 
 {
 	char line[256];
 	size_t n = format_code(line, sizeof(line), v->code, what);
-	reply_after(s, line, n, v->delay_ms, false);
+	/* 421 means the service is closing the channel (RFC 5321 4.2.3): it does */
+	reply_after(s, line, n, v->delay_ms, v->code == 421);
 }
 
 /* ---- transactions ---- */
@@ -808,6 +809,8 @@ static void bdat_chunk_end(struct smtp_session *s)
 			send_raw(s, replies[RP_NEED_MAIL].line, strlen(replies[RP_NEED_MAIL].line));
 		else
 			reply(s, s->bdat_reply);
+		if (s->bdat_last && s->state == S_MAIL)
+			txn_reset(s); /* BDAT LAST ends the transaction, refused or not */
 		return;
 	}
 	if (s->bdat_fail) {

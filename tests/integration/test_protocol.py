@@ -460,3 +460,29 @@ def test_listener_closed_after_shutdown(sink):
     s.stop()
     with pytest.raises(OSError):
         socket.create_connection((s.host, s.port), timeout=2).close()
+
+
+def test_injected_421_closes_and_discards_the_pipelined_rest(sink):
+    """A 421 means the server closes the channel: the commands pipelined behind it
+    are not processed (no message may be accepted after it)."""
+    import socket
+    s = sink("--fail", "RCPT:421:100")
+    c = socket.create_connection((s.host, s.port), timeout=30)
+    c.settimeout(30)
+    got = c.recv(4096)
+    assert got.startswith(b"220 ")
+    c.sendall(b"EHLO x\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\n"
+              b"BDAT 5 LAST\r\nhelloMAIL FROM:<a@example.com>\r\nQUIT\r\n")
+    data = b""
+    for _ in range(100):
+        chunk = c.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    c.close()
+    lines = data.split(b"\r\n")
+    assert any(l.startswith(b"421 ") for l in lines), data
+    after = lines[[i for i, l in enumerate(lines) if l.startswith(b"421 ")][0] + 1:]
+    assert all(l == b"" for l in after), "replies after the 421: %r" % data
+    st = s.stop()
+    assert st["messages"] == 0
