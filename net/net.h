@@ -151,6 +151,26 @@ void net_timer_stop(struct net_worker *w, struct net_timer *t);
 int net_connect(struct net_worker *w, const struct sockaddr *sa, socklen_t salen,
 		const struct net_proto *proto, void *data);
 
+/* ---- file I/O through the worker's ring (the spool's writes and syncs) ---- */
+
+struct net_io {
+	/* Runs on the worker thread: res is the octets written (short writes happen), 0 for a
+	   sync, or -errno (-ECANCELED for a sync whose linked write failed or was short). */
+	void (*done)(struct net_io *io, int res);
+};
+
+/*
+ * Queues a positional write of the iovecs (at most IOV_MAX) at `off`; when
+ * `sync_io` is given, an fdatasync of the same file is linked after it and
+ * runs only if the write wrote everything. iov and both net_io must stay valid
+ * until their done callbacks ran. Submitted with the loop turn's batch.
+ * Returns 0 or -errno.
+ */
+int net_file_writev(struct net_worker *w, int fd, const struct iovec *iov, unsigned n, uint64_t off,
+		    struct net_io *write_io, struct net_io *sync_io);
+/* Queues an fdatasync. Returns 0 or -errno. */
+int net_file_fdatasync(struct net_worker *w, int fd, struct net_io *io);
+
 /* ---- connections ---- */
 
 struct net_worker *net_conn_worker(const struct net_conn *c);

@@ -35,6 +35,7 @@
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
+#include <limits.h>
 #include <unistd.h>
 
 #include "core/clock.h"
@@ -51,6 +52,7 @@ enum op {
 	OP_CONNECT,
 	OP_WAKE,
 	OP_IGNORE, /* cancels and other fire-and-forget requests */
+	OP_FILE,   /* file I/O: the low 56 bits are the struct net_io pointer */
 };
 
 static inline uint64_t ud_pack(enum op op, uint32_t idx, uint32_t gen)
@@ -170,6 +172,7 @@ struct net_worker {
 	uint32_t free_head; /* free list through conns[i].idx is kept; uses next_free */
 	uint32_t *next_free;
 	unsigned nconns;
+	unsigned file_inflight; /* file requests in the kernel: the loop waits for them at stop */
 	struct net_conn *dirty;
 	uint64_t *starved; /* (slot, generation) of recvs that ran out of buffers */
 	unsigned starved_n, starved_cap;
@@ -1030,6 +1033,45 @@ int net_connect(struct net_worker *w, const struct sockaddr *sa, socklen_t salen
 	return 0;
 }
 
+/* ---- file I/O ---- */
+
+static uint64_t ud_io(struct net_io *io)
+{
+	return ((uint64_t)OP_FILE << 56) | (uint64_t)(uintptr_t)io;
+}
+
+int net_file_writev(struct net_worker *w, int fd, const struct iovec *iov, unsigned n, uint64_t off,
+		    struct net_io *write_io, struct net_io *sync_io)
+{
+	if (!n || n > IOV_MAX)
+		return -EINVAL;
+	if ((uintptr_t)write_io >> 56 || (sync_io && (uintptr_t)sync_io >> 56))
+		return -EINVAL; /* cannot be packed into user_data */
+	struct io_uring_sqe *sqe = get_sqe(w);
+	io_uring_prep_writev(sqe, fd, iov, n, off);
+	io_uring_sqe_set_data64(sqe, ud_io(write_io));
+	w->file_inflight++;
+	if (sync_io) {
+		sqe->flags |= IOSQE_IO_LINK; /* a short write breaks the link: the sync is cancelled */
+		sqe = get_sqe(w);
+		io_uring_prep_fsync(sqe, fd, IORING_FSYNC_DATASYNC);
+		io_uring_sqe_set_data64(sqe, ud_io(sync_io));
+		w->file_inflight++;
+	}
+	return 0;
+}
+
+int net_file_fdatasync(struct net_worker *w, int fd, struct net_io *io)
+{
+	if ((uintptr_t)io >> 56)
+		return -EINVAL;
+	struct io_uring_sqe *sqe = get_sqe(w);
+	io_uring_prep_fsync(sqe, fd, IORING_FSYNC_DATASYNC);
+	io_uring_sqe_set_data64(sqe, ud_io(io));
+	w->file_inflight++;
+	return 0;
+}
+
 /* ---- workers ---- */
 
 unsigned net_worker_index(const struct net_worker *w)
@@ -1239,7 +1281,7 @@ static void worker_loop(struct net_worker *w)
 				w->starved_n = 0;
 			}
 		} while (w->dirty);
-		if (w->stopping && w->nconns == 0)
+		if (w->stopping && w->nconns == 0 && w->file_inflight == 0)
 			break;
 		struct __kernel_timespec ts, *tsp = NULL;
 		if (w->heap_n) {
@@ -1272,6 +1314,12 @@ static void worker_loop(struct net_worker *w)
 			case OP_CONNECT:
 				on_connect_cqe(w, ud, cqe);
 				break;
+			case OP_FILE: {
+				struct net_io *io = (struct net_io *)(uintptr_t)(ud & ((1ull << 56) - 1));
+				w->file_inflight--;
+				io->done(io, cqe->res);
+				break;
+			}
 			case OP_WAKE:
 				if (atomic_load(&w->e->stop))
 					worker_begin_stop(w);

@@ -86,6 +86,7 @@ enum reply_id {
 	RP_BAD_BODY_PARAM,
 	RP_BAD_PARAM_VALUE,
 	RP_TXN_TEMPFAIL,
+	RP_NO_SPACE,
 	RP_BARE_LF,
 	RP_NUL_IN_BODY,
 	RP_LONG_LINE,
@@ -135,6 +136,7 @@ static const struct reply_def replies[RP_COUNT] = {
 	[RP_BAD_BODY_PARAM] = ERROR("501 5.5.4 Error: BODY must be 7BIT or 8BITMIME"),
 	[RP_BAD_PARAM_VALUE] = ERROR("501 5.5.4 Error: bad parameter value"),
 	[RP_TXN_TEMPFAIL] = REPLY("451 4.3.0 Error: temporary failure, try again later"),
+	[RP_NO_SPACE] = REPLY("452 4.3.1 Error: insufficient system storage, try again later"),
 	[RP_BARE_LF] = REPLY("554 5.6.0 Error: bare <LF> in message; not accepted (SMTP smuggling "
 			    "defence)"),
 	[RP_NUL_IN_BODY] = REPLY("554 5.6.0 Error: NUL character in message"),
@@ -621,8 +623,9 @@ static void do_mail(struct smtp_session *s, struct smtp_command *cmd)
 		return;
 	}
 	void *txn = NULL;
-	if (s->sw->sink->txn_begin(s->sw->sink_ctx, s, &txn) < 0) {
-		reply(s, RP_TXN_TEMPFAIL);
+	int r = s->sw->sink->txn_begin(s->sw->sink_ctx, s, &txn);
+	if (r < 0) {
+		reply(s, r == -ENOSPC || r == -EDQUOT ? RP_NO_SPACE : RP_TXN_TEMPFAIL);
 		return;
 	}
 	s->txn = txn;

@@ -1,0 +1,377 @@
+/*
+ * posthaste: the relay daemon. Accepts mail over SMTP and makes every message
+ * durable in the spool before it says 250 (delivery comes with the relay).
+ *
+ *   posthaste [--config FILE] [--listen HOST:PORT]... [--spool DIR]
+ *             [--durability fsync|batch|none] [--workers N] [--hostname NAME]
+ *             [--discard] [--log-level LEVEL] [--check-config]
+ *
+ * With no file and no flags it runs on embedded defaults: 127.0.0.1:2525,
+ * spool ./var/spool, fsync durability.
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "core/compiler.h"
+#include "core/log.h"
+#include "mta/posthaste/config.h"
+#include "mta/smtp/smtp_server.h"
+#include "net/net.h"
+#include "queue/spool.h"
+
+/* Per worker: the glue between the SMTP server's message sink and the spool. */
+struct ph_worker {
+	struct spool_worker *sw;
+} cache_aligned;
+
+struct ph_ctx {
+	struct ph_config cfg;
+	struct spool *spool;
+	struct smtp_server *srv;
+	struct ph_worker *workers;
+};
+
+/* One SMTP transaction on its way into the spool. */
+struct ph_txn {
+	struct spool_txn *t;
+	struct smtp_session *s;
+};
+
+static int sink_begin(void *ctx, struct smtp_session *s, void **txn_r)
+{
+	struct ph_worker *pw = ctx;
+	struct ph_txn *x = malloc(sizeof(*x));
+	if (!x)
+		return -ENOMEM;
+	x->t = spool_txn_begin(pw->sw);
+	if (!x->t) {
+		int err = errno;
+		free(x);
+		return -err;
+	}
+	x->s = s;
+	*txn_r = x;
+	return 0;
+}
+
+static int sink_body(void *txn, const char *data, size_t len)
+{
+	struct ph_txn *x = txn;
+	return spool_txn_append(x->t, data, len);
+}
+
+static void sink_done(void *arg, int res, uint64_t id)
+{
+	struct ph_txn *x = arg;
+	struct smtp_txn_result r = {.code = 250, .enhanced = "2.0.0"};
+	if (res == 0) {
+		char qid[17];
+		spool_id_format(id, qid);
+		snprintf(r.text, sizeof(r.text), "Ok: queued as %s", qid);
+	} else if (res == -ENOSPC || res == -EDQUOT) {
+		r.code = 452;
+		r.enhanced = "4.3.1";
+		snprintf(r.text, sizeof(r.text), "Error: insufficient system storage, try again later");
+	} else {
+		r.code = 451;
+		r.enhanced = "4.3.0";
+		snprintf(r.text, sizeof(r.text), "Error: queue file write error, try again later");
+	}
+	smtp_session_txn_done(x->s, &r);
+	free(x);
+}
+
+static int sink_end(void *txn, const struct smtp_envelope *env, struct smtp_txn_result *res)
+{
+	struct ph_txn *x = txn;
+	enum { STACK_RCPTS = 32 };
+	const char *addr_s[STACK_RCPTS], *orcpt_s[STACK_RCPTS];
+	size_t len_s[STACK_RCPTS];
+	unsigned char notify_s[STACK_RCPTS];
+	const char **addrs = addr_s, **orcpts = orcpt_s;
+	size_t *lens = len_s;
+	unsigned char *notify = notify_s;
+	void *heap = NULL;
+	if (env->nrcpts > STACK_RCPTS) {
+		size_t n = env->nrcpts;
+		heap = malloc(n * (2 * sizeof(char *) + sizeof(size_t) + 1));
+		if (!heap) {
+			spool_txn_abort(x->t);
+			free(x);
+			res->code = 451;
+			res->enhanced = "4.3.0";
+			snprintf(res->text, sizeof(res->text), "Error: out of memory, try again later");
+			return 1;
+		}
+		addrs = heap;
+		orcpts = addrs + n;
+		lens = (size_t *)(orcpts + n);
+		notify = (unsigned char *)(lens + n);
+	}
+	for (unsigned i = 0; i < env->nrcpts; i++) {
+		addrs[i] = env->rcpts[i].addr;
+		lens[i] = env->rcpts[i].len;
+		notify[i] = (unsigned char)env->rcpts[i].notify;
+		orcpts[i] = env->rcpts[i].orcpt;
+	}
+	char peer[INET6_ADDRSTRLEN] = "";
+	if (env->peer && env->peer->ss_family == AF_INET)
+		inet_ntop(AF_INET, &((const struct sockaddr_in *)env->peer)->sin_addr, peer,
+			  sizeof(peer));
+	else if (env->peer && env->peer->ss_family == AF_INET6)
+		inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)env->peer)->sin6_addr, peer,
+			  sizeof(peer));
+	uint16_t flags = 0;
+	flags |= env->smtputf8 ? SPOOL_ENV_SMTPUTF8 : 0;
+	flags |= env->body == SMTP_BODY_8BITMIME ? SPOOL_ENV_8BITMIME : 0;
+	flags |= env->ret == SMTP_RET_FULL ? SPOOL_ENV_RET_FULL : 0;
+	flags |= env->ret == SMTP_RET_HDRS ? SPOOL_ENV_RET_HDRS : 0;
+	flags |= env->chunked ? SPOOL_ENV_CHUNKED : 0;
+	flags |= env->esmtp ? SPOOL_ENV_ESMTP : 0;
+	struct spool_envelope se = {
+		.sender = env->sender,
+		.sender_len = env->sender_len,
+		.helo = env->helo,
+		.peer = peer,
+		.envid = env->envid,
+		.rcpts = addrs,
+		.rcpt_lens = lens,
+		.rcpt_notify = notify,
+		.rcpt_orcpt = orcpts,
+		.nrcpts = env->nrcpts,
+		.body_size = env->size,
+		.flags = flags,
+	};
+	struct spool_txn *t = x->t;
+	x->t = NULL;
+	spool_txn_commit(t, &se, sink_done, x); /* copies what it keeps */
+	free(heap);
+	return 0; /* the answer comes from sink_done, after the group commit */
+}
+
+static void sink_abort(void *txn)
+{
+	struct ph_txn *x = txn;
+	spool_txn_abort(x->t);
+	free(x);
+}
+
+static const struct smtp_sink_ops spool_sink = {
+	.txn_begin = sink_begin,
+	.txn_body = sink_body,
+	.txn_end = sink_end,
+	.txn_abort = sink_abort,
+};
+
+static int worker_init(struct net_worker *w, void *arg)
+{
+	struct ph_ctx *c = arg;
+	unsigned i = net_worker_index(w);
+	int r = spool_worker_init(c->spool, w);
+	if (r < 0)
+		return r;
+	c->workers[i].sw = spool_worker(c->spool, i);
+	return smtp_server_worker_init(c->srv, w, &spool_sink, &c->workers[i]);
+}
+
+static void worker_turn_end(struct net_worker *w, void *arg)
+{
+	struct ph_ctx *c = arg;
+	spool_worker_turn_end(c->workers[net_worker_index(w)].sw);
+}
+
+static void worker_fini(struct net_worker *w, void *arg)
+{
+	struct ph_ctx *c = arg;
+	spool_worker_fini(c->workers[net_worker_index(w)].sw);
+}
+
+static void usage(FILE *f)
+{
+	fputs("usage: posthaste [--config FILE] [--listen HOST:PORT]... [--spool DIR]\n"
+	      "                 [--durability fsync|batch|none] [--workers N] [--hostname NAME]\n"
+	      "                 [--discard] [--log-level error|warning|info|debug] [--check-config]\n"
+	      "Accepts mail over SMTP into a durable spool. Without a file or flags it listens on\n"
+	      "127.0.0.1:2525 with the spool in ./var/spool. --check-config prints the effective\n"
+	      "configuration and exits. See docs/configuration.md.\n",
+	      f);
+}
+
+int main(int argc, char **argv)
+{
+	static const struct option opts[] = {
+		{"config", required_argument, NULL, 'c'},
+		{"listen", required_argument, NULL, 'l'},
+		{"spool", required_argument, NULL, 's'},
+		{"durability", required_argument, NULL, 'd'},
+		{"workers", required_argument, NULL, 'w'},
+		{"hostname", required_argument, NULL, 'H'},
+		{"discard", no_argument, NULL, 'D'},
+		{"log-level", required_argument, NULL, 'L'},
+		{"check-config", no_argument, NULL, 'C'},
+		{"help", no_argument, NULL, 'h'},
+		{NULL, 0, NULL, 0},
+	};
+	struct ph_ctx ctx;
+	memset(&ctx, 0, sizeof(ctx));
+	ph_config_default(&ctx.cfg);
+	char err[512];
+	const char *config_file = NULL;
+	bool check = false;
+	bool listen_flag = false;
+	/* the file first, then flags over it, whatever their order on the line */
+	int opt;
+	while ((opt = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+		if (opt == 'c')
+			config_file = optarg;
+		else if (opt == 'h') {
+			usage(stdout);
+			return 0;
+		} else if (opt == '?') {
+			usage(stderr);
+			return 2;
+		}
+	}
+	if (optind < argc) {
+		fprintf(stderr, "posthaste: unexpected argument '%s'\n", argv[optind]);
+		usage(stderr);
+		return 2;
+	}
+	if (config_file && ph_config_load_file(&ctx.cfg, config_file, err, sizeof(err)) < 0) {
+		fprintf(stderr, "posthaste: %s\n", err);
+		return 1;
+	}
+	optind = 1;
+	while ((opt = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+		const char *key = NULL, *value = optarg;
+		switch (opt) {
+		case 'l':
+			if (!listen_flag) {
+				ctx.cfg.nlisten = 0; /* flags replace the file's listeners */
+				listen_flag = true;
+			}
+			key = "listen";
+			break;
+		case 's':
+			key = "spool_dir";
+			break;
+		case 'd':
+			key = "durability";
+			break;
+		case 'w':
+			key = "workers";
+			break;
+		case 'H':
+			key = "hostname";
+			break;
+		case 'D':
+			key = "discard";
+			value = "yes";
+			break;
+		case 'L':
+			key = "log_level";
+			break;
+		case 'C':
+			check = true;
+			break;
+		default:
+			break;
+		}
+		if (key && ph_config_set(&ctx.cfg, key, value, err, sizeof(err)) < 0) {
+			fprintf(stderr, "posthaste: %s\n", err); /* err names the key */
+			return 1;
+		}
+	}
+	if (ph_config_check(&ctx.cfg, err, sizeof(err)) < 0) {
+		fprintf(stderr, "posthaste: %s\n", err);
+		return 1;
+	}
+	if (check) {
+		ph_config_print(&ctx.cfg, stdout);
+		return 0;
+	}
+	log_set_level(ctx.cfg.log_level);
+
+	struct net_config ncfg;
+	net_config_default(&ncfg);
+	ncfg.workers = ctx.cfg.workers;
+	struct net_worker_hooks hooks = {
+		.init = worker_init,
+		.turn_end = worker_turn_end,
+		.fini = worker_fini,
+		.arg = &ctx,
+	};
+	struct net_engine *e = net_engine_new(&ncfg, &hooks);
+	if (!e) {
+		fprintf(stderr, "posthaste: cannot create the engine: %s\n", strerror(errno));
+		return 1;
+	}
+	unsigned nw = net_engine_workers(e);
+	struct spool_config scfg = {
+		.dir = ctx.cfg.spool_dir,
+		.durability = ctx.cfg.durability == PH_DURABILITY_BATCH  ? SPOOL_BATCH
+			      : ctx.cfg.durability == PH_DURABILITY_NONE ? SPOOL_NONE
+									 : SPOOL_FSYNC,
+		.batch_interval_ms = ctx.cfg.batch_interval_ms,
+		.reserve_bytes = ctx.cfg.spool_reserve,
+		.discard = ctx.cfg.discard,
+	};
+	ctx.spool = spool_open(&scfg, nw, err, sizeof(err));
+	if (!ctx.spool) {
+		fprintf(stderr, "posthaste: %s\n", err);
+		net_engine_free(&e);
+		return 1;
+	}
+	struct smtp_server_config sc;
+	smtp_server_config_default(&sc);
+	sc.hostname = ctx.cfg.hostname[0] ? ctx.cfg.hostname : NULL;
+	sc.max_message_size = ctx.cfg.message_size_limit;
+	sc.max_recipients = ctx.cfg.recipient_limit;
+	sc.timeout_command_ms = (unsigned)ctx.cfg.command_timeout_ms;
+	sc.timeout_data_ms = (unsigned)ctx.cfg.data_timeout_ms;
+	ctx.srv = smtp_server_new(&sc, e);
+	ctx.workers = aligned_alloc(CACHELINE, sizeof(*ctx.workers) * nw);
+	if (!ctx.srv || !ctx.workers) {
+		fprintf(stderr, "posthaste: out of memory\n");
+		return 1;
+	}
+	memset(ctx.workers, 0, sizeof(*ctx.workers) * nw);
+	for (unsigned i = 0; i < ctx.cfg.nlisten; i++) {
+		int r = smtp_server_listen(ctx.srv, ctx.cfg.listen[i].host, ctx.cfg.listen[i].port);
+		if (r < 0) {
+			fprintf(stderr, "posthaste: cannot listen on %s:%u: %s\n",
+				ctx.cfg.listen[i].host, ctx.cfg.listen[i].port, strerror(-r));
+			return 1;
+		}
+		log_info("posthaste: listening on %s:%u", ctx.cfg.listen[i].host,
+			 ctx.cfg.listen[i].port);
+	}
+	log_info("posthaste: %u workers, spool %s, durability %s%s", nw, ctx.cfg.spool_dir,
+		 scfg.durability == SPOOL_FSYNC   ? "fsync"
+		 : scfg.durability == SPOOL_BATCH ? "batch"
+						  : "none",
+		 ctx.cfg.discard ? ", discard route" : "");
+	int r = net_engine_run(e);
+
+	struct spool_stats st;
+	spool_stats(ctx.spool, &st);
+	struct smtp_server_stats ss;
+	smtp_server_stats(ctx.srv, &ss);
+	log_info("posthaste: stopped: %" PRIu64 " messages accepted, %" PRIu64
+		 " committed in %" PRIu64 " writes and %" PRIu64 " syncs, %" PRIu64
+		 " failed, %" PRIu64 " queued",
+		 ss.messages, st.committed, st.writes, st.syncs, st.failed,
+		 spool_queued(ctx.spool));
+	smtp_server_free(&ctx.srv);
+	spool_close(&ctx.spool);
+	net_engine_free(&e);
+	free(ctx.workers);
+	return r < 0 ? 1 : 0;
+}

@@ -1,0 +1,121 @@
+/*
+ * spool: the durable message queue. Per-worker append-only segment files of
+ * framed records (queue/record.h); messages finished in one loop turn are
+ * written with one writev and made durable with one fdatasync, linked behind
+ * it in the worker's io_uring (group commit), and each transaction's done
+ * callback runs when that completes.
+ *
+ * Layout under the spool directory:
+ *   lock                  flock'd by the running daemon (holds its pid)
+ *   w<N>/seg-<SEQ>.log    worker N's segments, SEQ increasing
+ *
+ * Threads: spool_open/spool_close on the main thread before/after the
+ * engine runs; everything taking a spool_worker on that worker's thread.
+ * Errors: 0 or -errno; constructors NULL with a readable reason.
+ */
+#ifndef POSTHASTE_QUEUE_SPOOL_H
+#define POSTHASTE_QUEUE_SPOOL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "net/net.h"
+
+enum spool_durability {
+	SPOOL_FSYNC = 0, /* done after fdatasync returned */
+	SPOOL_BATCH,     /* done after the write; fdatasync at least every batch_interval_ms */
+	SPOOL_NONE,      /* done after the write; never synced (benchmarks only) */
+};
+
+struct spool_config {
+	const char *dir;
+	enum spool_durability durability;
+	uint64_t batch_interval_ms; /* SPOOL_BATCH; default 10 */
+	uint64_t reserve_bytes;     /* refuse new transactions below this much free space */
+	uint64_t segment_size;      /* start a new segment past this; default 64 MiB */
+	bool discard;               /* messages are final once durable (benchmark route) */
+};
+
+struct spool_envelope {
+	const char *sender; /* "" for <> */
+	size_t sender_len;
+	const char *helo;
+	const char *peer; /* printable client address */
+	const char *envid;
+	const char *const *rcpts;
+	const size_t *rcpt_lens;
+	const unsigned char *rcpt_notify;
+	const char *const *rcpt_orcpt; /* entries may be NULL */
+	unsigned nrcpts;
+	uint64_t body_size;
+	uint16_t flags; /* SPOOL_ENV_* */
+};
+
+#define SPOOL_ENV_SMTPUTF8 0x01u
+#define SPOOL_ENV_8BITMIME 0x02u
+#define SPOOL_ENV_RET_FULL 0x04u
+#define SPOOL_ENV_RET_HDRS 0x08u
+#define SPOOL_ENV_CHUNKED  0x10u
+#define SPOOL_ENV_ESMTP    0x20u
+
+struct spool;
+struct spool_worker;
+struct spool_txn;
+
+struct spool_stats {
+	uint64_t recovered;     /* messages found queued at start-up */
+	uint64_t recovered_bad; /* damaged records skipped at start-up */
+	uint64_t committed;     /* messages made durable since start */
+	uint64_t failed;        /* transactions whose write or sync failed */
+	uint64_t bytes;         /* octets written */
+	uint64_t writes;        /* writev calls */
+	uint64_t syncs;         /* fdatasync calls */
+};
+
+/*
+ * Opens or creates the spool, takes its lock (a second daemon gets an error
+ * naming the holder), and scans every segment to rebuild the queue: torn
+ * tails and bad checksums are logged and skipped, every good record is kept.
+ * nworkers: how many workers will call spool_worker_init.
+ */
+struct spool *spool_open(const struct spool_config *cfg, unsigned nworkers, char *err,
+			 size_t errlen);
+/* Flushes nothing (workers are stopped by then); frees. Accepts NULL; sets *sp to NULL. */
+void spool_close(struct spool **sp);
+
+/* From the engine's worker init hook: opens the worker's segment. 0 or -errno. */
+int spool_worker_init(struct spool *sp, struct net_worker *w);
+/* The worker's spool, after spool_worker_init. */
+struct spool_worker *spool_worker(struct spool *sp, unsigned index);
+/* From the engine's turn_end hook: writes (and syncs) what this turn sealed. */
+void spool_worker_turn_end(struct spool_worker *sw);
+/* From the engine's fini hook. */
+void spool_worker_fini(struct spool_worker *sw);
+
+/* Begins a message. NULL with errno: ENOSPC below the free-space reserve, ENOMEM. */
+struct spool_txn *spool_txn_begin(struct spool_worker *sw);
+/* Appends body octets (copied once into the transaction's buffers). 0 or -errno. */
+int spool_txn_append(struct spool_txn *t, const char *data, size_t len);
+/*
+ * Seals the message with its envelope and queues it for this turn's group
+ * commit. done(arg, res, queue_id) runs on the worker thread: res 0 when the
+ * message is durable (per the durability mode), or -errno (ENOSPC, EDQUOT,
+ * EIO, ...) when it is not and was not queued. The transaction is gone after
+ * done returns.
+ */
+void spool_txn_commit(struct spool_txn *t, const struct spool_envelope *env,
+		      void (*done)(void *arg, int res, uint64_t queue_id), void *arg);
+/* Drops an unsealed transaction. */
+void spool_txn_abort(struct spool_txn *t);
+
+/* Formats a queue id as 16 upper-case hex digits (buf: at least 17 octets). */
+void spool_id_format(uint64_t id, char *buf);
+
+/* Counters summed over the workers (after the engine stopped). */
+void spool_stats(const struct spool *sp, struct spool_stats *out);
+
+/* Messages queued (recovered + committed, not final), summed over workers. */
+uint64_t spool_queued(const struct spool *sp);
+
+#endif

@@ -1,0 +1,156 @@
+/*
+ * libFuzzer target for core/config and the posthaste keys (mta/posthaste/config).
+ *
+ * The input is a configuration file. It is parsed twice: by config_parse_buffer
+ * with a callback that hands every entry to ph_config_set and to each typed
+ * helper (whose results must format and parse back to themselves), and by
+ * ph_config_load_buffer over the defaults. Both must agree on success, every
+ * error must name the file, and a configuration that loaded must print as a
+ * file that loads back to an equal configuration.
+ */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/config.h"
+#include "mta/posthaste/config.h"
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+static void fuzz_helpers(const char *v)
+{
+	char err[256], buf[32], host[64];
+	uint64_t n, m;
+	uint16_t port;
+	unsigned u;
+	bool b;
+
+	if (config_size(v, &n, err, sizeof(err)) == 0) {
+		config_size_format(n, buf, sizeof(buf));
+		if (config_size(buf, &m, err, sizeof(err)) != 0 || m != n)
+			abort();
+	} else if (!err[0]) {
+		abort();
+	}
+	if (config_duration_ms(v, &n, err, sizeof(err)) == 0) {
+		config_duration_format(n, buf, sizeof(buf));
+		if (config_duration_ms(buf, &m, err, sizeof(err)) != 0 || m != n)
+			abort();
+	} else if (!err[0]) {
+		abort();
+	}
+	if (config_bool(v, &b, err, sizeof(err)) != 0 && !err[0])
+		abort();
+	if (config_uint(v, 3, 1000, &u, err, sizeof(err)) == 0 && (u < 3 || u > 1000))
+		abort();
+	if (config_hostport(v, host, sizeof(host), &port, err, sizeof(err)) == 0) {
+		if (!host[0] || strlen(host) >= sizeof(host) || strchr(host, ']'))
+			abort();
+	} else if (!err[0]) {
+		abort();
+	}
+}
+
+struct fuzz_state {
+	struct ph_config c;
+	bool listen_seen;
+	unsigned last_line;
+};
+
+static int fuzz_entry(void *arg, const char *key, const char *value, unsigned line, char *err,
+                      size_t errlen)
+{
+	struct fuzz_state *st = arg;
+
+	if (!key[0] || line <= st->last_line || strlen(key) > CONFIG_LINE_MAX ||
+	    strlen(value) > CONFIG_LINE_MAX)
+		abort();
+	for (const char *k = key; *k; k++)
+		if (*k >= 'A' && *k <= 'Z')
+			abort();
+	st->last_line = line;
+	fuzz_helpers(value);
+	if (!st->listen_seen && strcmp(key, "listen") == 0) {
+		st->c.nlisten = 0;
+		st->listen_seen = true;
+	}
+	return ph_config_set(&st->c, key, value, err, errlen);
+}
+
+static bool fuzz_equal(const struct ph_config *a, const struct ph_config *b)
+{
+	if (a->nlisten != b->nlisten)
+		return false;
+	for (unsigned i = 0; i < a->nlisten; i++)
+		if (strcmp(a->listen[i].host, b->listen[i].host) != 0 ||
+		    a->listen[i].port != b->listen[i].port)
+			return false;
+	return strcmp(a->spool_dir, b->spool_dir) == 0 && a->durability == b->durability &&
+	       a->batch_interval_ms == b->batch_interval_ms && a->workers == b->workers &&
+	       strcmp(a->hostname, b->hostname) == 0 &&
+	       a->message_size_limit == b->message_size_limit &&
+	       a->recipient_limit == b->recipient_limit &&
+	       a->command_timeout_ms == b->command_timeout_ms &&
+	       a->data_timeout_ms == b->data_timeout_ms && a->spool_reserve == b->spool_reserve &&
+	       strcmp(a->control_socket, b->control_socket) == 0 && a->discard == b->discard &&
+	       a->log_level == b->log_level && a->max_queue_age_ms == b->max_queue_age_ms;
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+	static const char name[] = "fuzz.conf";
+	struct fuzz_state st;
+	struct ph_config c, again;
+	char err[512], err2[512];
+	char *copy, *out = NULL;
+	size_t outlen = 0;
+	int r1, r2, chk;
+	FILE *f;
+
+	/* an exact-size heap copy: ASan sees any read past the end */
+	copy = malloc(size ? size : 1);
+	if (!copy)
+		return 0;
+	memcpy(copy, data, size);
+
+	memset(&st, 0, sizeof(st));
+	ph_config_default(&st.c);
+	err[0] = '\0';
+	r1 = config_parse_buffer(name, copy, size, fuzz_entry, &st, err, sizeof(err));
+	if (r1 != 0 && (r1 != -1 || strncmp(err, "fuzz.conf:", 10) != 0))
+		abort();
+
+	ph_config_default(&c);
+	err2[0] = '\0';
+	r2 = ph_config_load_buffer(&c, name, copy, size, err2, sizeof(err2));
+	free(copy);
+	if (r1 != r2 || (r2 == 0 && !fuzz_equal(&c, &st.c)) || (r2 < 0 && strcmp(err, err2) != 0))
+		abort();
+	if (r2 < 0)
+		return 0;
+
+	chk = ph_config_check(&c, err, sizeof(err));
+	if (chk != 0 && (chk != -1 || !err[0]))
+		abort();
+
+	f = open_memstream(&out, &outlen);
+	if (!f)
+		return 0;
+	ph_config_print(&c, f);
+	if (fclose(f) != 0) {
+		free(out);
+		return 0;
+	}
+	ph_config_default(&again);
+	if (ph_config_load_buffer(&again, "printed", out, outlen, err, sizeof(err)) != 0) {
+		fprintf(stderr, "printed configuration does not load: %s\n%s", err, out);
+		abort();
+	}
+	if (!fuzz_equal(&c, &again) || ph_config_check(&again, err, sizeof(err)) != chk) {
+		fprintf(stderr, "printed configuration differs:\n%s", out);
+		abort();
+	}
+	free(out);
+	return 0;
+}

@@ -1,0 +1,1169 @@
+/*
+ * Unit tests of core/config (the file reader and the typed value helpers) and
+ * mta/posthaste/config (the daemon's keys): tables of named cases with exact
+ * error messages. Files go to a mkdtemp directory that is removed at the end.
+ */
+#include <dirent.h>
+#include <limits.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "core/compiler.h"
+#include "core/config.h"
+#include "mta/posthaste/config.h"
+
+static char tmpdir[64];
+
+/* Fails with the case's name when two strings differ. */
+static void expect_str(const char *name, const char *what, const char *want, const char *got)
+{
+	if (strcmp(want, got) != 0)
+		fail_msg("%s: %s:\n  want: [%s]\n  got:  [%s]", name, what, want, got);
+}
+
+static void expect_rc(const char *name, int want, int got, const char *err)
+{
+	if (want != got)
+		fail_msg("%s: want rc %d, got %d (err: %s)", name, want, got, err);
+}
+
+/* ---- table 1: config_parse_buffer ---- */
+
+struct capture {
+	char out[16384];
+	size_t len;
+};
+
+/* Records "LINE:key=value\n"; key "fail" stops with a reason, "failsilent" without one. */
+static int capture_entry(void *arg, const char *key, const char *value, unsigned line, char *err,
+                         size_t errlen)
+{
+	struct capture *c = arg;
+	int n;
+
+	if (strcmp(key, "fail") == 0) {
+		snprintf(err, errlen, "no thanks to '%s'", value);
+		return -1;
+	}
+	if (strcmp(key, "failsilent") == 0)
+		return -1;
+	n = snprintf(c->out + c->len, sizeof(c->out) - c->len, "%u:%s=%s\n", line, key, value);
+	assert_true(n > 0 && (size_t)n < sizeof(c->out) - c->len);
+	c->len += (size_t)n;
+	return 0;
+}
+
+struct parse_case {
+	const char *name;
+	const char *in;
+	size_t len; /* 0: strlen(in) */
+	const char *entries;
+	const char *err; /* NULL: success */
+};
+
+static const struct parse_case parse_cases[] = {
+    {"empty_buffer", "", 0, "", NULL},
+    {"only_newlines", "\n\n\n", 0, "", NULL},
+    {"simple", "key = value\n", 0, "1:key=value\n", NULL},
+    {"no_blanks_no_final_lf", "a=b", 0, "1:a=b\n", NULL},
+    {"key_lowercased", "Spool_DIR = ./X\n", 0, "1:spool_dir=./X\n", NULL},
+    {"key_chars", "a.b-c_d9 = 1\n", 0, "1:a.b-c_d9=1\n", NULL},
+    {"tabs_and_blanks", "\t key\t=\t value \t\n", 0, "1:key=value\n", NULL},
+    {"comments_and_blank_lines", "\n   \n# one\n  \t# two\nk = v # three\n", 0, "5:k=v\n", NULL},
+    {"hash_inside_value", "k = a#b\n", 0, "1:k=a#b\n", NULL},
+    {"hash_after_tab", "k = a\t# c\n", 0, "1:k=a\n", NULL},
+    {"hash_right_after_equals", "k =#x\n", 0, "1:k=#x\n", NULL},
+    {"hash_in_key_position_after_blank_is_comment_then_missing_equals", "k #= v\n", 0, "",
+     "t.conf:1: missing '=' (expected 'key = value')"},
+    {"empty_value", "k =\n", 0, "1:k=\n", NULL},
+    {"empty_value_with_comment", "k = # nothing\n", 0, "1:k=\n", NULL},
+    {"equals_in_value", "k = a=b = c\n", 0, "1:k=a=b = c\n", NULL},
+    {"inner_blanks_kept", "k = a  b\tc\n", 0, "1:k=a  b\tc\n", NULL},
+    {"quoted_keeps_blanks", "k = \"  a b  \"\n", 0, "1:k=  a b  \n", NULL},
+    {"quoted_keeps_hash", "k = \"a # b\" # c\n", 0, "1:k=a # b\n", NULL},
+    {"quoted_escapes", "k = \"a\\\"b\\\\c\"\n", 0, "1:k=a\"b\\c\n", NULL},
+    {"quoted_empty", "k = \"\"\n", 0, "1:k=\n", NULL},
+    {"quoted_then_comment_without_blank", "k = \"a\"# c\n", 0, "1:k=a\n", NULL},
+    {"quote_inside_bare_value", "k = a\"b\"\n", 0, "1:k=a\"b\"\n", NULL},
+    {"backslash_in_bare_value", "k = a\\b\n", 0, "1:k=a\\b\n", NULL},
+    {"crlf_lines", "a = 1\r\nb = \"2\"\r\n", 0, "1:a=1\n2:b=2\n", NULL},
+    {"repeated_key_reported_twice", "l = 1\nL = 2\n", 0, "1:l=1\n2:l=2\n", NULL},
+    {"utf8_value", "k = caf\xc3\xa9\n", 0, "1:k=caf\xc3\xa9\n", NULL},
+    {"nul_octet", "a = 1\nb = \0x\n", 13, "1:a=1\n", "t.conf:2: NUL octet"},
+    {"nul_octet_in_comment", "# \0\n", 4, "", "t.conf:1: NUL octet"},
+    {"missing_equals", "a = 1\nfoo\n", 0, "1:a=1\n",
+     "t.conf:2: missing '=' (expected 'key = value')"},
+    {"comment_hides_equals", "foo # = 1\n", 0, "",
+     "t.conf:1: missing '=' (expected 'key = value')"},
+    {"empty_key", "  = 1\n", 0, "", "t.conf:1: empty key"},
+    {"blank_in_key", "foo bar = 1\n", 0, "",
+     "t.conf:1: invalid key 'foo bar' (keys are letters, digits, '_', '.' and '-')"},
+    {"bad_char_in_key", "foo/bar = 1\n", 0, "",
+     "t.conf:1: invalid key 'foo/bar' (keys are letters, digits, '_', '.' and '-')"},
+    {"unterminated_quote", "k = \"abc\n", 0, "", "t.conf:1: unterminated quoted value"},
+    {"unterminated_after_escape", "k = \"abc\\\"\n", 0, "", "t.conf:1: unterminated quoted value"},
+    {"backslash_at_end", "k = \"abc\\", 0, "", "t.conf:1: unterminated quoted value"},
+    {"bad_escape", "k = \"a\\nb\"\n", 0, "",
+     "t.conf:1: invalid escape '\\n' in quoted value (only \\\" and \\\\)"},
+    {"bad_escape_control", "k = \"a\\\tb\"\n", 0, "",
+     "t.conf:1: invalid escape '\\\\x09' in quoted value (only \\\" and \\\\)"},
+    {"text_after_quote", "k = \"a\" b\n", 0, "",
+     "t.conf:1: unexpected text after the closing quote"},
+    {"line_number_counts_every_line", "\n# c\n\nk = 1\n\nbad\n", 0, "4:k=1\n",
+     "t.conf:6: missing '=' (expected 'key = value')"},
+    {"crlf_line_numbers", "a = 1\r\n\r\nbad\r\n", 0, "1:a=1\n",
+     "t.conf:3: missing '=' (expected 'key = value')"},
+    {"callback_error_prefixed", "a = 1\n\nfail = x\nb = 2\n", 0, "1:a=1\n",
+     "t.conf:3: no thanks to 'x'"},
+    {"callback_error_without_reason", "failsilent = 1\n", 0, "", "t.conf:1: invalid entry"},
+};
+
+static void test_parse_cases(void **state)
+{
+	for (size_t i = 0; i < ARRAY_SIZE(parse_cases); i++) {
+		const struct parse_case *t = &parse_cases[i];
+		struct capture cap = {.len = 0};
+		char err[256] = "";
+		size_t len = t->len ? t->len : strlen(t->in);
+		int rc = config_parse_buffer("t.conf", t->in, len, capture_entry, &cap, err,
+		                             sizeof(err));
+
+		cap.out[cap.len] = '\0';
+		expect_rc(t->name, t->err ? -1 : 0, rc, err);
+		expect_str(t->name, "entries", t->entries, cap.out);
+		if (t->err)
+			expect_str(t->name, "error", t->err, err);
+	}
+}
+
+/* Lines of exactly CONFIG_LINE_MAX octets pass; one more fails (a CR counts). */
+static void test_parse_line_length(void **state)
+{
+	static const struct {
+		const char *name;
+		size_t len; /* of the second line, without LF */
+		bool cr;
+		bool ok;
+	} cases[] = {
+	    {"at_limit", CONFIG_LINE_MAX, false, true},
+	    {"at_limit_quoted", CONFIG_LINE_MAX, false, true},
+	    {"over_limit", CONFIG_LINE_MAX + 1, false, false},
+	    {"cr_counts", CONFIG_LINE_MAX, true, false},
+	    {"last_line_without_lf_over_limit", CONFIG_LINE_MAX + 1, false, false},
+	};
+	char *buf = malloc(2 * CONFIG_LINE_MAX + 16);
+
+	assert_non_null(buf);
+	for (size_t i = 0; i < ARRAY_SIZE(cases); i++) {
+		struct capture cap = {.len = 0};
+		char err[256] = "";
+		size_t n = 0, vlen;
+		int rc;
+
+		memcpy(buf, "a = 1\nk = ", 10);
+		n = 10;
+		vlen = cases[i].len - 4;
+		if (i == 1) { /* a quoted value filling the line */
+			buf[n++] = '"';
+			memset(buf + n, 'y', vlen - 2);
+			n += vlen - 2;
+			buf[n++] = '"';
+		} else {
+			memset(buf + n, 'x', vlen);
+			n += vlen;
+		}
+		if (cases[i].cr)
+			buf[n++] = '\r';
+		if (i != 4)
+			buf[n++] = '\n';
+		rc = config_parse_buffer("t.conf", buf, n, capture_entry, &cap, err, sizeof(err));
+		expect_rc(cases[i].name, cases[i].ok ? 0 : -1, rc, err);
+		if (cases[i].ok) {
+			assert_int_equal(cap.len,
+			                 strlen("1:a=1\n2:k=\n") + vlen - (i == 1 ? 2 : 0));
+		} else {
+			expect_str(cases[i].name, "error", "t.conf:2: line longer than 4096 octets",
+			           err);
+		}
+	}
+	free(buf);
+}
+
+/* The error is truncated to errlen and stays NUL-terminated; a NULL name reads "(config)". */
+static void test_parse_err_truncation(void **state)
+{
+	struct capture cap = {.len = 0};
+	char err[12];
+
+	memset(err, 'z', sizeof(err));
+	assert_int_equal(config_parse_buffer("long-name.conf", "bad\n", 4, capture_entry, &cap, err,
+	                                     sizeof(err)),
+	                 -1);
+	assert_string_equal(err, "long-name.c");
+	assert_int_equal(config_parse_buffer(NULL, "bad\n", 4, capture_entry, &cap, NULL, 0), -1);
+	{
+		char e2[128];
+		assert_int_equal(
+		    config_parse_buffer(NULL, "bad", 3, capture_entry, &cap, e2, sizeof(e2)), -1);
+		assert_string_equal(e2, "(config):1: missing '=' (expected 'key = value')");
+	}
+}
+
+/* ---- table 2: typed helpers ---- */
+
+#define SIZE_HINT "(expected digits with an optional k, M, G or T suffix)"
+#define DUR_HINT  "(expected digits with a unit: ms, s, m, h or d)"
+#define BOOL_HINT "(expected yes, no, true, false, on, off, 1 or 0)"
+
+struct u64_case {
+	const char *in;
+	uint64_t want;
+	const char *err; /* NULL: success */
+};
+
+static const struct u64_case size_cases[] = {
+    {"0", 0, NULL},
+    {"1024", 1024, NULL},
+    {"007", 7, NULL},
+    {"64k", 64ull << 10, NULL},
+    {"64K", 64ull << 10, NULL},
+    {"10M", 10ull << 20, NULL},
+    {"10m", 10ull << 20, NULL},
+    {"1G", 1ull << 30, NULL},
+    {"1g", 1ull << 30, NULL},
+    {"2T", 2ull << 40, NULL},
+    {"18446744073709551615", UINT64_MAX, NULL},
+    {"16777215T", 16777215ull << 40, NULL},
+    {"17179869183G", 17179869183ull << 30, NULL},
+    {"", 0, "invalid size '' " SIZE_HINT},
+    {"k", 0, "invalid size 'k' " SIZE_HINT},
+    {"-1", 0, "invalid size '-1' " SIZE_HINT},
+    {"+1", 0, "invalid size '+1' " SIZE_HINT},
+    {" 1", 0, "invalid size ' 1' " SIZE_HINT},
+    {"1 ", 0, "invalid size '1 ' " SIZE_HINT},
+    {"1.5M", 0, "invalid size '1.5M' " SIZE_HINT},
+    {"10MB", 0, "invalid size '10MB' " SIZE_HINT},
+    {"10 M", 0, "invalid size '10 M' " SIZE_HINT},
+    {"10P", 0, "invalid size '10P' " SIZE_HINT},
+    {"0x10", 0, "invalid size '0x10' " SIZE_HINT},
+    {"16777216T", 0, "size '16777216T' is too large"},
+    {"17179869184G", 0, "size '17179869184G' is too large"},
+    {"18446744073709551616", 0, "size '18446744073709551616' is too large"},
+    {"99999999999999999999999k", 0, "size '99999999999999999999999k' is too large"},
+    {"99999999999999999999999x", 0, "invalid size '99999999999999999999999x' " SIZE_HINT},
+    {"1111111111111111111111111111111111111111111111111111111111111111111111", 0,
+     "size '1111111111111111111111111111111111111111111111111111111111111111...' is too large"},
+};
+
+static const struct u64_case duration_cases[] = {
+    {"250ms", 250, NULL},
+    {"10s", 10000, NULL},
+    {"5m", 300000, NULL},
+    {"2h", 7200000, NULL},
+    {"5d", 432000000, NULL},
+    {"30", 30000, NULL},
+    {"0", 0, NULL},
+    {"0ms", 0, NULL},
+    {"18446744073709551615ms", UINT64_MAX, NULL},
+    {"18446744073709551s", 18446744073709551000ull, NULL},
+    {"213503982334d", 213503982334ull * 86400000, NULL},
+    {"", 0, "invalid duration '' " DUR_HINT},
+    {"s", 0, "invalid duration 's' " DUR_HINT},
+    {"10S", 0, "invalid duration '10S' " DUR_HINT},
+    {"10 s", 0, "invalid duration '10 s' " DUR_HINT},
+    {"10sec", 0, "invalid duration '10sec' " DUR_HINT},
+    {"1.5s", 0, "invalid duration '1.5s' " DUR_HINT},
+    {"-1s", 0, "invalid duration '-1s' " DUR_HINT},
+    {"1w", 0, "invalid duration '1w' " DUR_HINT},
+    {"18446744073709552s", 0, "duration '18446744073709552s' is too large"},
+    {"18446744073709551615", 0, "duration '18446744073709551615' is too large"},
+    {"18446744073709551616ms", 0, "duration '18446744073709551616ms' is too large"},
+    {"213503982335d", 0, "duration '213503982335d' is too large"},
+};
+
+static void run_u64_cases(const char *what, const struct u64_case *cases, size_t n,
+                          int (*fn)(const char *, uint64_t *, char *, size_t))
+{
+	for (size_t i = 0; i < n; i++) {
+		char name[128], err[256] = "";
+		uint64_t out = 12345;
+		int rc = fn(cases[i].in, &out, err, sizeof(err));
+
+		snprintf(name, sizeof(name), "%s('%s')", what, cases[i].in);
+		expect_rc(name, cases[i].err ? -1 : 0, rc, err);
+		if (cases[i].err) {
+			expect_str(name, "error", cases[i].err, err);
+			assert_int_equal(out, 12345); /* unchanged */
+		} else if (out != cases[i].want) {
+			fail_msg("%s: want %llu, got %llu", name, (unsigned long long)cases[i].want,
+			         (unsigned long long)out);
+		}
+	}
+}
+
+static void test_size(void **state)
+{
+	run_u64_cases("config_size", size_cases, ARRAY_SIZE(size_cases), config_size);
+}
+
+static void test_duration(void **state)
+{
+	run_u64_cases("config_duration_ms", duration_cases, ARRAY_SIZE(duration_cases),
+	              config_duration_ms);
+}
+
+static void test_bool(void **state)
+{
+	static const struct {
+		const char *in;
+		bool want;
+		bool ok;
+	} cases[] = {
+	    {"yes", true, true},       {"no", false, true},    {"true", true, true},
+	    {"false", false, true},    {"on", true, true},     {"off", false, true},
+	    {"1", true, true},         {"0", false, true},     {"YES", true, true},
+	    {"False", false, true},    {"On", true, true},     {"", false, false},
+	    {"y", false, false},       {"2", false, false},    {"yess", false, false},
+	    {"enabled", false, false}, {" yes", false, false}, {"00", false, false},
+	};
+
+	for (size_t i = 0; i < ARRAY_SIZE(cases); i++) {
+		char name[64], want_err[256], err[256] = "";
+		bool out = !cases[i].want;
+		int rc = config_bool(cases[i].in, &out, err, sizeof(err));
+
+		snprintf(name, sizeof(name), "config_bool('%s')", cases[i].in);
+		expect_rc(name, cases[i].ok ? 0 : -1, rc, err);
+		if (cases[i].ok) {
+			assert_int_equal(out, cases[i].want);
+		} else {
+			snprintf(want_err, sizeof(want_err), "invalid boolean '%s' " BOOL_HINT,
+			         cases[i].in);
+			expect_str(name, "error", want_err, err);
+		}
+	}
+}
+
+static void test_uint(void **state)
+{
+	static const struct {
+		const char *in;
+		unsigned min, max, want;
+		const char *err;
+	} cases[] = {
+	    {"0", 0, 10, 0, NULL},
+	    {"10", 0, 10, 10, NULL},
+	    {"0010", 0, 10, 10, NULL},
+	    {"4294967295", 0, UINT_MAX, UINT_MAX, NULL},
+	    {"11", 0, 10, 0, "number '11' is out of range (0 to 10)"},
+	    {"0", 1, 10, 0, "number '0' is out of range (1 to 10)"},
+	    {"4294967296", 0, UINT_MAX, 0, "number '4294967296' is out of range (0 to 4294967295)"},
+	    {"99999999999999999999999", 0, 10, 0,
+	     "number '99999999999999999999999' is out of range (0 to 10)"},
+	    {"", 0, 10, 0, "invalid number '' (expected decimal digits)"},
+	    {"-1", 0, 10, 0, "invalid number '-1' (expected decimal digits)"},
+	    {"1x", 0, 10, 0, "invalid number '1x' (expected decimal digits)"},
+	    {" 1", 0, 10, 0, "invalid number ' 1' (expected decimal digits)"},
+	};
+
+	for (size_t i = 0; i < ARRAY_SIZE(cases); i++) {
+		char name[96], err[256] = "";
+		unsigned out = 777;
+		int rc =
+		    config_uint(cases[i].in, cases[i].min, cases[i].max, &out, err, sizeof(err));
+
+		snprintf(name, sizeof(name), "config_uint('%s', %u, %u)", cases[i].in, cases[i].min,
+		         cases[i].max);
+		expect_rc(name, cases[i].err ? -1 : 0, rc, err);
+		if (cases[i].err) {
+			expect_str(name, "error", cases[i].err, err);
+			assert_int_equal(out, 777);
+		} else {
+			assert_int_equal(out, cases[i].want);
+		}
+	}
+}
+
+static void test_hostport(void **state)
+{
+	static const struct {
+		const char *in;
+		size_t hostlen; /* 0: 64 */
+		const char *host;
+		uint16_t port;
+		const char *err;
+	} cases[] = {
+	    {"127.0.0.1:2525", 0, "127.0.0.1", 2525, NULL},
+	    {"[::1]:25", 0, "::1", 25, NULL},
+	    {"[::]:0", 0, "::", 0, NULL},
+	    {":2525", 0, "0.0.0.0", 2525, NULL},
+	    {"1.2.3.4:65535", 0, "1.2.3.4", 65535, NULL},
+	    {"mx.example.org:25", 0, "mx.example.org", 25, NULL},
+	    {"[fe80::1%eth0]:25", 0, "fe80::1%eth0", 25, NULL},
+	    {"1.2.3.4:025", 0, "1.2.3.4", 25, NULL},
+	    {"1234567:1", 8, "1234567", 1, NULL},
+	    {"12345678:1", 8, NULL, 0, "invalid address '12345678:1' (host longer than 7 octets)"},
+	    {"", 0, NULL, 0, "invalid address '' (expected HOST:PORT, [IPV6]:PORT or :PORT)"},
+	    {"127.0.0.1", 0, NULL, 0,
+	     "invalid address '127.0.0.1' (expected HOST:PORT, [IPV6]:PORT or :PORT)"},
+	    {"::1:25", 0, NULL, 0,
+	     "invalid address '::1:25' (an IPv6 address goes in brackets: [::1]:25)"},
+	    {"[::1]25", 0, NULL, 0, "invalid address '[::1]25' (expected [IPV6]:PORT)"},
+	    {"[::1]", 0, NULL, 0, "invalid address '[::1]' (expected [IPV6]:PORT)"},
+	    {"[::1", 0, NULL, 0, "invalid address '[::1' (expected [IPV6]:PORT)"},
+	    {"[]:25", 0, NULL, 0, "invalid address '[]:25' (empty host)"},
+	    {"1.2.3.4:", 0, NULL, 0, "invalid address '1.2.3.4:' (missing or invalid port)"},
+	    {":", 0, NULL, 0, "invalid address ':' (missing or invalid port)"},
+	    {"1.2.3.4:x", 0, NULL, 0, "invalid address '1.2.3.4:x' (missing or invalid port)"},
+	    {"1.2.3.4:-1", 0, NULL, 0, "invalid address '1.2.3.4:-1' (missing or invalid port)"},
+	    {"1.2.3.4:25 ", 0, NULL, 0, "invalid address '1.2.3.4:25 ' (missing or invalid port)"},
+	    {"1.2.3.4:65536", 0, NULL, 0, "invalid address '1.2.3.4:65536' (port above 65535)"},
+	    {"1.2.3.4:99999999999999999999999", 0, NULL, 0,
+	     "invalid address '1.2.3.4:99999999999999999999999' (port above 65535)"},
+	    {"a b:25", 0, NULL, 0, "invalid address 'a b:25' (bad character in host)"},
+	    {"a/b:25", 0, NULL, 0, "invalid address 'a/b:25' (bad character in host)"},
+	    {"[a]b]:25", 0, NULL, 0, "invalid address '[a]b]:25' (expected [IPV6]:PORT)"},
+	    {"[[::1]]:25", 0, NULL, 0, "invalid address '[[::1]]:25' (expected [IPV6]:PORT)"},
+	    {"[:[:1]:25", 0, NULL, 0, "invalid address '[:[:1]:25' (bad character in host)"},
+	};
+
+	for (size_t i = 0; i < ARRAY_SIZE(cases); i++) {
+		char name[96], err[256] = "", host[64] = "unchanged";
+		uint16_t port = 7;
+		size_t hostlen = cases[i].hostlen ? cases[i].hostlen : sizeof(host);
+		int rc = config_hostport(cases[i].in, host, hostlen, &port, err, sizeof(err));
+
+		snprintf(name, sizeof(name), "config_hostport('%s')", cases[i].in);
+		expect_rc(name, cases[i].err ? -1 : 0, rc, err);
+		if (cases[i].err) {
+			expect_str(name, "error", cases[i].err, err);
+			assert_string_equal(host, "unchanged");
+			assert_int_equal(port, 7);
+		} else {
+			expect_str(name, "host", cases[i].host, host);
+			assert_int_equal(port, cases[i].port);
+		}
+	}
+}
+
+static void test_format(void **state)
+{
+	static const struct {
+		uint64_t n;
+		const char *size, *duration;
+	} cases[] = {
+	    {0, "0", "0s"},
+	    {10, "10", "10ms"},
+	    {1000, "1000", "1s"},
+	    {1023, "1023", "1023ms"},
+	    {1024, "1K", "1024ms"},
+	    {1500, "1500", "1500ms"},
+	    {1536, "1536", "1536ms"},
+	    {60000, "60000", "1m"},
+	    {90000, "90000", "90s"},
+	    {180000, "180000", "3m"},
+	    {300000, "300000", "5m"},
+	    {3600000, "3600000", "1h"},
+	    {432000000, "421875K", "5d"},
+	    {64ull << 20, "64M", "67108864ms"},
+	    {3ull << 30, "3G", "3221225472ms"},
+	    {2ull << 40, "2T", "2199023255552ms"},
+	    {1ull << 50, "1024T", "1125899906842624ms"},
+	    {UINT64_MAX, "18446744073709551615", "18446744073709551615ms"},
+	};
+
+	for (size_t i = 0; i < ARRAY_SIZE(cases); i++) {
+		char buf[32], name[64], err[128];
+		uint64_t back;
+
+		snprintf(name, sizeof(name), "format(%llu)", (unsigned long long)cases[i].n);
+		config_size_format(cases[i].n, buf, sizeof(buf));
+		expect_str(name, "size", cases[i].size, buf);
+		assert_int_equal(config_size(buf, &back, err, sizeof(err)), 0);
+		assert_true(back == cases[i].n);
+		config_duration_format(cases[i].n, buf, sizeof(buf));
+		expect_str(name, "duration", cases[i].duration, buf);
+		assert_int_equal(config_duration_ms(buf, &back, err, sizeof(err)), 0);
+		assert_true(back == cases[i].n);
+	}
+}
+
+/* ---- ph_config ---- */
+
+static bool ph_equal(const struct ph_config *a, const struct ph_config *b)
+{
+	if (a->nlisten != b->nlisten)
+		return false;
+	for (unsigned i = 0; i < a->nlisten; i++)
+		if (strcmp(a->listen[i].host, b->listen[i].host) != 0 ||
+		    a->listen[i].port != b->listen[i].port)
+			return false;
+	return strcmp(a->spool_dir, b->spool_dir) == 0 && a->durability == b->durability &&
+	       a->batch_interval_ms == b->batch_interval_ms && a->workers == b->workers &&
+	       strcmp(a->hostname, b->hostname) == 0 &&
+	       a->message_size_limit == b->message_size_limit &&
+	       a->recipient_limit == b->recipient_limit &&
+	       a->command_timeout_ms == b->command_timeout_ms &&
+	       a->data_timeout_ms == b->data_timeout_ms && a->spool_reserve == b->spool_reserve &&
+	       strcmp(a->control_socket, b->control_socket) == 0 && a->discard == b->discard &&
+	       a->log_level == b->log_level && a->max_queue_age_ms == b->max_queue_age_ms;
+}
+
+/* The configuration as ph_config_print writes it (caller frees). */
+static char *ph_printed(const struct ph_config *c)
+{
+	char *out = NULL;
+	size_t len = 0;
+	FILE *f = open_memstream(&out, &len);
+
+	assert_non_null(f);
+	ph_config_print(c, f);
+	assert_int_equal(fclose(f), 0);
+	return out;
+}
+
+static const char default_printed[] = "# posthaste: the effective configuration\n"
+                                      "listen = 127.0.0.1:2525\n"
+                                      "spool_dir = ./var/spool\n"
+                                      "durability = fsync\n"
+                                      "batch_interval = 10ms\n"
+                                      "workers = 0 # one per CPU\n"
+                                      "hostname = \"\" # the system's host name\n"
+                                      "message_size_limit = 64M\n"
+                                      "recipient_limit = 1000\n"
+                                      "command_timeout = 5m\n"
+                                      "data_timeout = 3m\n"
+                                      "spool_reserve = 256M\n"
+                                      "control_socket = \"\" # ./var/spool/control.sock\n"
+                                      "discard = no\n"
+                                      "log_level = info\n"
+                                      "max_queue_age = 5d\n";
+
+static void test_ph_defaults(void **state)
+{
+	struct ph_config c, d;
+	char err[256] = "";
+	char *out;
+
+	memset(&c, 0xa5, sizeof(c));
+	ph_config_default(&c);
+	assert_int_equal(c.nlisten, 1);
+	assert_string_equal(c.listen[0].host, "127.0.0.1");
+	assert_int_equal(c.listen[0].port, 2525);
+	assert_string_equal(c.spool_dir, "./var/spool");
+	assert_int_equal(c.durability, PH_DURABILITY_FSYNC);
+	assert_int_equal(c.batch_interval_ms, 10);
+	assert_int_equal(c.workers, 0);
+	assert_string_equal(c.hostname, "");
+	assert_int_equal(c.message_size_limit, 64ull << 20);
+	assert_int_equal(c.recipient_limit, 1000);
+	assert_int_equal(c.command_timeout_ms, 300000);
+	assert_int_equal(c.data_timeout_ms, 180000);
+	assert_int_equal(c.spool_reserve, 256ull << 20);
+	assert_string_equal(c.control_socket, "");
+	assert_false(c.discard);
+	assert_int_equal(c.log_level, LOG_INFO);
+	assert_int_equal(c.max_queue_age_ms, 5ull * 86400000);
+	assert_int_equal(ph_config_check(&c, err, sizeof(err)), 0);
+
+	/* every octet is written: two defaults compare equal with memcmp */
+	memset(&d, 0x5a, sizeof(d));
+	ph_config_default(&d);
+	assert_memory_equal(&c, &d, sizeof(c));
+
+	out = ph_printed(&c);
+	expect_str("defaults", "printed", default_printed, out);
+	free(out);
+}
+
+/* One key set on the defaults: its printed line, or the exact error (then nothing changed). */
+struct set_case {
+	const char *key, *value;
+	const char *line; /* expected in the printed configuration, or NULL */
+	const char *err;  /* NULL: success */
+};
+
+#define SIZE_MAX_STR "18446744073709551615"
+
+static const struct set_case set_cases[] = {
+    {"listen", "[::1]:25", "listen = 127.0.0.1:2525\nlisten = [::1]:25\n", NULL},
+    {"listen", ":26", "listen = 0.0.0.0:26\n", NULL},
+    {"listen", "10.0.0.1:0", "listen = 10.0.0.1:0\n", NULL},
+    {"LISTEN", "[2001:db8::1]:587", "listen = [2001:db8::1]:587\n", NULL},
+    {"listen", "localhost:25", NULL, "listen: 'localhost' is not an IPv4 or IPv6 address"},
+    {"listen", "[fe80::1%eth0]:25", NULL, "listen: 'fe80::1%eth0' is not an IPv4 or IPv6 address"},
+    {"listen", "1.2.3.4", NULL,
+     "listen: invalid address '1.2.3.4' (expected HOST:PORT, [IPV6]:PORT or :PORT)"},
+    {"listen", "1.2.3.4:70000", NULL, "listen: invalid address '1.2.3.4:70000' (port above 65535)"},
+    {"spool_dir", "/var/spool/posthaste", "spool_dir = /var/spool/posthaste\n", NULL},
+    {"spool_dir", " spaced ", "spool_dir = \" spaced \"\n", NULL},
+    {"spool_dir", "a #b", "spool_dir = \"a #b\"\n", NULL},
+    {"spool_dir", "a#b", "spool_dir = a#b\n", NULL},
+    {"spool_dir", "#b", "spool_dir = \"#b\"\n", NULL},
+    {"spool_dir", "\"q\\", "spool_dir = \"\\\"q\\\\\"\n", NULL},
+    {"spool_dir", "a\\b\"c", "spool_dir = a\\b\"c\n", NULL},
+    {"Spool_Dir", "/x", "spool_dir = /x\n", NULL},
+    {"spool_dir", "", NULL, "spool_dir: must not be empty"},
+    {"spool_dir", "a\nb", NULL, "spool_dir: contains a control character"},
+    {"spool_dir", "a\tb", NULL, "spool_dir: contains a control character"},
+    {"durability", "batch", "durability = batch\n", NULL},
+    {"durability", "NONE", "durability = none\n", NULL},
+    {"durability", "fsync", "durability = fsync\n", NULL},
+    {"durability", "sync", NULL, "durability: 'sync' is not fsync, batch or none"},
+    {"batch_interval", "250ms", "batch_interval = 250ms\n", NULL},
+    {"batch_interval", "1m", "batch_interval = 1m\n", NULL},
+    {"batch_interval", "1", "batch_interval = 1s\n", NULL},
+    {"batch_interval", "0", NULL, "batch_interval: 0s is out of range (1ms to 1m)"},
+    {"batch_interval", "61s", NULL, "batch_interval: 61s is out of range (1ms to 1m)"},
+    {"batch_interval", "soon", NULL, "batch_interval: invalid duration 'soon' " DUR_HINT},
+    {"workers", "8", "workers = 8\n", NULL},
+    {"workers", "256", "workers = 256\n", NULL},
+    {"workers", "0", "workers = 0 # one per CPU\n", NULL},
+    {"workers", "257", NULL, "workers: number '257' is out of range (0 to 256)"},
+    {"workers", "-1", NULL, "workers: invalid number '-1' (expected decimal digits)"},
+    {"hostname", "mx.example.org", "hostname = mx.example.org\n", NULL},
+    {"hostname", "[192.0.2.1]", "hostname = [192.0.2.1]\n", NULL},
+    {"hostname", "", "hostname = \"\" # the system's host name\n", NULL},
+    {"hostname", "mx example", NULL,
+     "hostname: 'mx example' is not a host name (letters, digits, '-', '.', '_', or an "
+     "address literal in brackets)"},
+    {"message_size_limit", "10M", "message_size_limit = 10M\n", NULL},
+    {"message_size_limit", "1000", "message_size_limit = 1000\n", NULL},
+    {"message_size_limit", "0", NULL,
+     "message_size_limit: 0 is out of range (1 to " SIZE_MAX_STR ")"},
+    {"message_size_limit", "10X", NULL, "message_size_limit: invalid size '10X' " SIZE_HINT},
+    {"message_size_limit", "16777216T", NULL, "message_size_limit: size '16777216T' is too large"},
+    {"recipient_limit", "100", "recipient_limit = 100\n", NULL},
+    {"recipient_limit", "0", NULL, "recipient_limit: number '0' is out of range (1 to 1000000)"},
+    {"command_timeout", "10m", "command_timeout = 10m\n", NULL},
+    {"command_timeout", "500ms", "command_timeout = 500ms\n", NULL},
+    {"command_timeout", "1d", "command_timeout = 1d\n", NULL},
+    {"command_timeout", "25h", NULL, "command_timeout: 25h is out of range (1ms to 1d)"},
+    {"command_timeout", "0", NULL, "command_timeout: 0s is out of range (1ms to 1d)"},
+    {"data_timeout", "600", "data_timeout = 10m\n", NULL},
+    {"data_timeout", "2d", NULL, "data_timeout: 2d is out of range (1ms to 1d)"},
+    {"spool_reserve", "1G", "spool_reserve = 1G\n", NULL},
+    {"spool_reserve", "0", "spool_reserve = 0 # no reserve\n", NULL},
+    {"spool_reserve", "lots", NULL, "spool_reserve: invalid size 'lots' " SIZE_HINT},
+    {"control_socket", "/run/posthaste.sock", "control_socket = /run/posthaste.sock\n", NULL},
+    {"control_socket",
+     "/0123456789012345678901234567890123456789012345678901234567890123456789012345678901234567"
+     "890123456789abcdef",
+     "control_socket = "
+     "/0123456789012345678901234567890123456789012345678901234567890123456789012345678901234567"
+     "890123456789abcdef\n",
+     NULL},
+    {"control_socket",
+     "/0123456789012345678901234567890123456789012345678901234567890123456789012345678901234567"
+     "890123456789abcdefg",
+     NULL, "control_socket: longer than 107 octets"},
+    {"discard", "yes", "discard = yes\n", NULL},
+    {"discard", "off", "discard = no\n", NULL},
+    {"discard", "maybe", NULL, "discard: invalid boolean 'maybe' " BOOL_HINT},
+    {"log_level", "debug", "log_level = debug\n", NULL},
+    {"log_level", "WARNING", "log_level = warning\n", NULL},
+    {"log_level", "error", "log_level = error\n", NULL},
+    {"log_level", "warn", NULL, "log_level: 'warn' is not error, warning, info or debug"},
+    {"max_queue_age", "7d", "max_queue_age = 7d\n", NULL},
+    {"max_queue_age", "1s", "max_queue_age = 1s\n", NULL},
+    {"max_queue_age", "500ms", NULL, "max_queue_age: 500ms is out of range (1s to 365d)"},
+    {"max_queue_age", "366d", NULL, "max_queue_age: 366d is out of range (1s to 365d)"},
+    {"foo", "1", NULL, "unknown key 'foo'"},
+    {"spool-dir", "1", NULL, "unknown key 'spool-dir'"},
+    {"", "1", NULL, "unknown key ''"},
+    {"route", "x", NULL, "'route' is not supported yet (reserved for a later version)"},
+    {"smarthost", "x", NULL, "'smarthost' is not supported yet (reserved for a later version)"},
+    {"resolver", "x", NULL, "'resolver' is not supported yet (reserved for a later version)"},
+    {"local_domains", "x", NULL,
+     "'local_domains' is not supported yet (reserved for a later version)"},
+    {"mynetworks", "x", NULL, "'mynetworks' is not supported yet (reserved for a later version)"},
+    {"TLS_CERT", "x", NULL, "'tls_cert' is not supported yet (reserved for a later version)"},
+    {"tls_key", "x", NULL, "'tls_key' is not supported yet (reserved for a later version)"},
+};
+
+static void test_ph_set(void **state)
+{
+	for (size_t i = 0; i < ARRAY_SIZE(set_cases); i++) {
+		const struct set_case *t = &set_cases[i];
+		struct ph_config c, before;
+		char name[160], err[512] = "";
+		int rc;
+
+		snprintf(name, sizeof(name), "set(%s, '%.100s')", t->key, t->value);
+		ph_config_default(&c);
+		before = c;
+		rc = ph_config_set(&c, t->key, t->value, err, sizeof(err));
+		expect_rc(name, t->err ? -1 : 0, rc, err);
+		if (t->err) {
+			expect_str(name, "error", t->err, err);
+			if (memcmp(&c, &before, sizeof(c)) != 0)
+				fail_msg("%s: the configuration changed on error", name);
+		} else {
+			char *out = ph_printed(&c);
+			struct ph_config again;
+
+			if (!strstr(out, t->line))
+				fail_msg("%s: want line [%s] in:\n%s", name, t->line, out);
+			/* the printed form loads back to the same configuration */
+			ph_config_default(&again);
+			rc = ph_config_load_buffer(&again, "printed", out, strlen(out), err,
+			                           sizeof(err));
+			expect_rc(name, 0, rc, err);
+			if (!ph_equal(&c, &again))
+				fail_msg("%s: printed form does not load back equal:\n%s", name,
+				         out);
+			free(out);
+		}
+	}
+}
+
+static void test_ph_listen_limit(void **state)
+{
+	struct ph_config c;
+	char err[256], v[32];
+
+	ph_config_default(&c);
+	c.nlisten = 0;
+	for (unsigned i = 0; i < PH_LISTEN_MAX; i++) {
+		snprintf(v, sizeof(v), "10.0.0.%u:25", i + 1);
+		assert_int_equal(ph_config_set(&c, "listen", v, err, sizeof(err)), 0);
+	}
+	assert_int_equal(c.nlisten, PH_LISTEN_MAX);
+	assert_int_equal(ph_config_set(&c, "listen", "10.0.0.99:25", err, sizeof(err)), -1);
+	assert_string_equal(err, "listen: more than 16 addresses");
+	assert_int_equal(c.nlisten, PH_LISTEN_MAX);
+	assert_int_equal(ph_config_check(&c, err, sizeof(err)), 0);
+}
+
+/* spool_dir as long as the field allows, but only if it can be printed back on one line. */
+static void test_ph_long_spool_dir(void **state)
+{
+	static const struct {
+		const char *name;
+		size_t len;
+		char fill;
+		const char *err;
+	} cases[] = {
+	    {"fits_bare", CONFIG_LINE_MAX - 12, 'a', NULL},
+	    {"one_over_line", CONFIG_LINE_MAX - 11, 'a',
+	     "spool_dir: too long to be written on one "
+	     "configuration line (4096 octets)"},
+	    {"field_full", 4096, 'a', "spool_dir: longer than 4095 octets"},
+	    {"escapes_fit", (CONFIG_LINE_MAX - 14) / 2 - 1, '\\', NULL},
+	    {"escapes_over_line", (CONFIG_LINE_MAX - 14) / 2 + 1, '\\',
+	     "spool_dir: too long to be written on one configuration line (4096 octets)"},
+	};
+	char *v = malloc(8192);
+
+	assert_non_null(v);
+	for (size_t i = 0; i < ARRAY_SIZE(cases); i++) {
+		struct ph_config c, again;
+		char err[256] = "";
+		int rc;
+
+		memset(v, cases[i].fill, cases[i].len);
+		v[cases[i].len] = '\0';
+		if (cases[i].fill == '\\')
+			v[0] = ' '; /* leading blank: written quoted, with escapes */
+		ph_config_default(&c);
+		assert_int_equal(
+		    ph_config_set(&c, "control_socket", "/run/ph.sock", err, sizeof(err)), 0);
+		rc = ph_config_set(&c, "spool_dir", v, err, sizeof(err));
+		expect_rc(cases[i].name, cases[i].err ? -1 : 0, rc, err);
+		if (cases[i].err) {
+			expect_str(cases[i].name, "error", cases[i].err, err);
+		} else {
+			char *out = ph_printed(&c);
+			assert_int_equal(ph_config_check(&c, err, sizeof(err)), 0);
+			ph_config_default(&again);
+			rc = ph_config_load_buffer(&again, "printed", out, strlen(out), err,
+			                           sizeof(err));
+			expect_rc(cases[i].name, 0, rc, err);
+			assert_true(ph_equal(&c, &again));
+			free(out);
+		}
+	}
+	free(v);
+}
+
+/* ---- files ---- */
+
+static char *write_file(const char *name, const char *content, size_t len)
+{
+	static char path[128];
+	FILE *f;
+
+	snprintf(path, sizeof(path), "%s/%s", tmpdir, name);
+	f = fopen(path, "wb");
+	assert_non_null(f);
+	assert_int_equal(fwrite(content, 1, len, f), len);
+	assert_int_equal(fclose(f), 0);
+	return path;
+}
+
+struct load_case {
+	const char *name;
+	const char *content;
+	const char *pre;  /* "key=value" set before loading, or NULL */
+	const char *want; /* expected printed configuration lines (all present), or NULL */
+	const char *err;  /* "%s" stands for the path; NULL: success */
+};
+
+static const struct load_case load_cases[] = {
+    {"empty_file_keeps_defaults", "", NULL, "listen = 127.0.0.1:2525\nspool_dir = ./var/spool\n",
+     NULL},
+    {"listen_replaces_defaults", "listen = [::1]:25\nworkers = 2\nlisten = 0.0.0.0:2526\n", NULL,
+     "# posthaste: the effective configuration\nlisten = [::1]:25\nlisten = 0.0.0.0:2526\n"
+     "spool_dir",
+     NULL},
+    {"no_listen_keeps_default", "workers = 4\n", NULL, "listen = 127.0.0.1:2525\nspool_dir", NULL},
+    {"applies_over_current_values", "hostname = mx.example.org\n", "workers=7",
+     "workers = 7\nhostname = mx.example.org\n", NULL},
+    {"last_one_wins", "workers = 2\nWorkers = 3\n", NULL, "workers = 3\n", NULL},
+    {"every_key",
+     "# a full configuration\n"
+     "listen = 127.0.0.1:25\n"
+     "listen = [::1]:25\n"
+     "spool_dir = \"/var/spool/posthaste\"\n"
+     "durability = batch\n"
+     "batch_interval = 20ms\n"
+     "workers = 4\n"
+     "hostname = mx.example.org\n"
+     "message_size_limit = 50M\n"
+     "recipient_limit = 500\n"
+     "command_timeout = 5m\n"
+     "data_timeout = 10m\n"
+     "spool_reserve = 1G\n"
+     "control_socket = /run/posthaste/control.sock\n"
+     "discard = no\n"
+     "log_level = warning\n"
+     "max_queue_age = 5d\n",
+     NULL,
+     "# posthaste: the effective configuration\n"
+     "listen = 127.0.0.1:25\n"
+     "listen = [::1]:25\n"
+     "spool_dir = /var/spool/posthaste\n"
+     "durability = batch\n"
+     "batch_interval = 20ms\n"
+     "workers = 4\n"
+     "hostname = mx.example.org\n"
+     "message_size_limit = 50M\n"
+     "recipient_limit = 500\n"
+     "command_timeout = 5m\n"
+     "data_timeout = 10m\n"
+     "spool_reserve = 1G\n"
+     "control_socket = /run/posthaste/control.sock\n"
+     "discard = no\n"
+     "log_level = warning\n"
+     "max_queue_age = 5d\n",
+     NULL},
+    {"unknown_key", "workers = 2\nbogus = 1\n", NULL, NULL, "%s:2: unknown key 'bogus'"},
+    {"bad_value_line_3", "\n# x\ndurability = maybe\n", NULL, NULL,
+     "%s:3: durability: 'maybe' is not fsync, batch or none"},
+    {"reserved_key", "smarthost = [192.0.2.1]:25\n", NULL, NULL,
+     "%s:1: 'smarthost' is not supported yet (reserved for a later version)"},
+    {"bad_listen_after_good", "listen = 127.0.0.1:25\nlisten = nowhere\n", NULL, NULL,
+     "%s:2: listen: invalid address 'nowhere' (expected HOST:PORT, [IPV6]:PORT or :PORT)"},
+    {"syntax_error", "workers = 2\n\"workers\" = 3\n", NULL, NULL,
+     "%s:2: invalid key '\"workers\"' (keys are letters, digits, '_', '.' and '-')"},
+    {"seventeen_listeners",
+     "listen = :1\nlisten = :2\nlisten = :3\nlisten = :4\nlisten = :5\nlisten = :6\n"
+     "listen = :7\nlisten = :8\nlisten = :9\nlisten = :10\nlisten = :11\nlisten = :12\n"
+     "listen = :13\nlisten = :14\nlisten = :15\nlisten = :16\nlisten = :17\n",
+     NULL, NULL, "%s:17: listen: more than 16 addresses"},
+};
+
+static void test_load_cases(void **state)
+{
+	for (size_t i = 0; i < ARRAY_SIZE(load_cases); i++) {
+		const struct load_case *t = &load_cases[i];
+		struct ph_config c, before;
+		char err[512] = "", want_err[512];
+		char *path = write_file(t->name, t->content, strlen(t->content));
+		int rc;
+
+		ph_config_default(&c);
+		if (t->pre) {
+			char key[64];
+			const char *eq = strchr(t->pre, '=');
+			snprintf(key, sizeof(key), "%.*s", (int)(eq - t->pre), t->pre);
+			assert_int_equal(ph_config_set(&c, key, eq + 1, err, sizeof(err)), 0);
+		}
+		before = c;
+		rc = ph_config_load_file(&c, path, err, sizeof(err));
+		expect_rc(t->name, t->err ? -1 : 0, rc, err);
+		if (t->err) {
+			snprintf(want_err, sizeof(want_err), t->err, path);
+			expect_str(t->name, "error", want_err, err);
+			if (memcmp(&c, &before, sizeof(c)) != 0)
+				fail_msg("%s: the configuration changed on error", t->name);
+		} else {
+			char *out = ph_printed(&c);
+			if (!strstr(out, t->want))
+				fail_msg("%s: want [%s] in:\n%s", t->name, t->want, out);
+			assert_int_equal(ph_config_check(&c, err, sizeof(err)), 0);
+			free(out);
+		}
+		unlink(path);
+	}
+}
+
+static void test_load_file_errors(void **state)
+{
+	struct ph_config c;
+	char err[512], want[512], *big, *path;
+	struct capture cap = {.len = 0};
+
+	ph_config_default(&c);
+
+	snprintf(want, sizeof(want), "%s/missing.conf", tmpdir);
+	assert_int_equal(ph_config_load_file(&c, want, err, sizeof(err)), -1);
+	snprintf(want, sizeof(want), "cannot read %s/missing.conf: No such file or directory",
+	         tmpdir);
+	assert_string_equal(err, want);
+
+	assert_int_equal(ph_config_load_file(&c, tmpdir, err, sizeof(err)), -1);
+	snprintf(want, sizeof(want), "cannot read %s: Is a directory", tmpdir);
+	assert_string_equal(err, want);
+
+	/* exactly 1 MiB of comment lines is read; one octet more is refused */
+	big = malloc(CONFIG_FILE_MAX + 1);
+	assert_non_null(big);
+	memset(big, '#', CONFIG_FILE_MAX + 1);
+	for (size_t i = 1000; i < CONFIG_FILE_MAX + 1; i += 1000)
+		big[i] = '\n';
+	memcpy(big + CONFIG_FILE_MAX - 10, "\nk = v #\n", 9);
+	path = write_file("big.conf", big, CONFIG_FILE_MAX);
+	assert_int_equal(config_parse_file(path, capture_entry, &cap, err, sizeof(err)), 0);
+	cap.out[cap.len] = '\0';
+	assert_string_equal(cap.out, "1050:k=v\n");
+	unlink(path);
+	path = write_file("big.conf", big, CONFIG_FILE_MAX + 1);
+	assert_int_equal(config_parse_file(path, capture_entry, &cap, err, sizeof(err)), -1);
+	snprintf(want, sizeof(want), "cannot read %s: File too large", path);
+	assert_string_equal(err, want);
+	unlink(path);
+	free(big);
+}
+
+/* ---- print -> load round trips ---- */
+
+static void test_round_trip(void **state)
+{
+	static const char *const configs[] = {
+	    "",
+	    "listen = [::]:25\nlisten = 0.0.0.0:25\nlisten = 127.0.0.1:0\nlisten = 127.0.0.1:0\n"
+	    "spool_dir = \" /tmp/a \\\"b\\\" #c \\\\d \"\ndurability = none\n"
+	    "batch_interval = 1500ms\nworkers = 256\nhostname = [IPv6:2001:db8::1]\n"
+	    "message_size_limit = 1025\nrecipient_limit = 1000000\ncommand_timeout = 90s\n"
+	    "data_timeout = 86400000ms\nspool_reserve = 18446744073709551615\n"
+	    "control_socket = \"/run/x #1.sock\"\ndiscard = on\nlog_level = debug\n"
+	    "max_queue_age = 365d\n",
+	    "durability = batch\nbatch_interval = 60s\nspool_reserve = 0\nhostname = a\n"
+	    "spool_dir = \"#x\"\n",
+	    "listen = :1\nlisten = :2\nlisten = :3\nlisten = :4\nlisten = :5\nlisten = :6\n"
+	    "listen = :7\nlisten = :8\nlisten = :9\nlisten = :10\nlisten = :11\nlisten = :12\n"
+	    "listen = :13\nlisten = :14\nlisten = [::1]:15\nlisten = [1:2:3:4:5:6:7:8]:65535\n",
+	};
+
+	for (size_t i = 0; i < ARRAY_SIZE(configs); i++) {
+		struct ph_config c, again;
+		char err[512] = "", name[32], *out, *out2, *path;
+
+		snprintf(name, sizeof(name), "round_trip_%zu", i);
+		ph_config_default(&c);
+		expect_rc(name, 0,
+		          ph_config_load_buffer(&c, name, configs[i], strlen(configs[i]), err,
+		                                sizeof(err)),
+		          err);
+		expect_rc(name, 0, ph_config_check(&c, err, sizeof(err)), err);
+		out = ph_printed(&c);
+		path = write_file(name, out, strlen(out));
+		ph_config_default(&again);
+		expect_rc(name, 0, ph_config_load_file(&again, path, err, sizeof(err)), err);
+		if (!ph_equal(&c, &again))
+			fail_msg("%s: loads back different:\n%s", name, out);
+		out2 = ph_printed(&again);
+		expect_str(name, "printed twice", out, out2);
+		unlink(path);
+		free(out);
+		free(out2);
+	}
+}
+
+/* ---- ph_config_check ---- */
+
+static void tweak_no_listen(struct ph_config *c)
+{
+	c->nlisten = 0;
+}
+
+static void tweak_bad_listen_host(struct ph_config *c)
+{
+	snprintf(c->listen[0].host, sizeof(c->listen[0].host), "localhost");
+}
+
+static void tweak_workers(struct ph_config *c)
+{
+	c->workers = 1000;
+}
+
+static void tweak_durability(struct ph_config *c)
+{
+	c->durability = (enum ph_durability)7;
+}
+
+static void tweak_log_level(struct ph_config *c)
+{
+	c->log_level = (enum log_level)9;
+}
+
+static void tweak_batch_zero(struct ph_config *c)
+{
+	c->batch_interval_ms = 0;
+}
+
+static void tweak_timeout(struct ph_config *c)
+{
+	c->data_timeout_ms = 5000000000ull;
+}
+
+static void tweak_hostname(struct ph_config *c)
+{
+	snprintf(c->hostname, sizeof(c->hostname), "a b");
+}
+
+static void tweak_spool_empty(struct ph_config *c)
+{
+	c->spool_dir[0] = '\0';
+}
+
+static void tweak_too_many_listen(struct ph_config *c)
+{
+	c->nlisten = PH_LISTEN_MAX + 1;
+}
+
+/* 94 octets: with "/control.sock" exactly the 107 a socket path holds */
+#define DIR94                                                                                      \
+	"/012345678901234567890123456789012345678901234567890123456789012345678901234567890123456" \
+	"789012"
+
+static const struct {
+	const char *name;
+	const char *file;
+	void (*tweak)(struct ph_config *c);
+	const char *err; /* NULL: passes */
+} check_cases[] = {
+    {"defaults", "", NULL, NULL},
+    {"no_listen", "", tweak_no_listen, "listen: no address to listen on"},
+    {"too_many_listen", "", tweak_too_many_listen, "listen: more than 16 addresses"},
+    {"bad_listen_host", "", tweak_bad_listen_host,
+     "listen: 'localhost' is not an IPv4 or IPv6 address"},
+    {"duplicate_listen", "listen = 127.0.0.1:2525\nlisten = [::1]:25\nlisten = 127.0.0.1:2525\n",
+     NULL, "listen: 127.0.0.1:2525 is given twice"},
+    {"duplicate_ipv6_spelled_differently", "listen = [::1]:25\nlisten = [0:0::0:1]:25\n", NULL,
+     "listen: [0:0::0:1]:25 is given twice"},
+    {"same_address_other_port", "listen = [::1]:25\nlisten = [::1]:26\n", NULL, NULL},
+    {"same_port_other_family", "listen = [::]:25\nlisten = 0.0.0.0:25\n", NULL, NULL},
+    {"port_zero_twice_is_fine", "listen = 127.0.0.1:0\nlisten = 127.0.0.1:0\n", NULL, NULL},
+    {"control_socket_default_fits", "spool_dir = " DIR94 "\n", NULL, NULL},
+    {"control_socket_default_one_too_long", "spool_dir = " DIR94 "5\n", NULL,
+     "control_socket: the default, spool_dir + \"/control.sock\", would be 108 octets, more "
+     "than a socket path holds (107): set control_socket or a shorter spool_dir"},
+    {"control_socket_default_too_long", "spool_dir = " DIR94 "56\n", NULL,
+     "control_socket: the default, spool_dir + \"/control.sock\", would be 109 octets, more "
+     "than a socket path holds (107): set control_socket or a shorter spool_dir"},
+    {"long_spool_dir_with_control_socket", "spool_dir = " DIR94 "56\ncontrol_socket = /run/x\n",
+     NULL, NULL},
+    {"workers_out_of_range", "", tweak_workers, "workers: 1000 is out of range (0 to 256)"},
+    {"durability_invalid", "", tweak_durability, "durability: invalid value 7"},
+    {"log_level_invalid", "", tweak_log_level, "log_level: invalid value 9"},
+    {"batch_interval_zero", "durability = batch\n", tweak_batch_zero,
+     "batch_interval: 0s is out of range (1ms to 1m)"},
+    {"data_timeout_too_long", "", tweak_timeout,
+     "data_timeout: 5000000s is out of range (1ms to 1d)"},
+    {"hostname_invalid", "", tweak_hostname,
+     "hostname: 'a b' is not a host name (letters, digits, '-', '.', '_', or an address "
+     "literal in brackets)"},
+    {"spool_dir_empty", "", tweak_spool_empty, "spool_dir: must not be empty"},
+};
+
+static void test_check(void **state)
+{
+	for (size_t i = 0; i < ARRAY_SIZE(check_cases); i++) {
+		struct ph_config c;
+		char err[512] = "";
+		int rc;
+
+		ph_config_default(&c);
+		rc = ph_config_load_buffer(&c, "t.conf", check_cases[i].file,
+		                           strlen(check_cases[i].file), err, sizeof(err));
+		expect_rc(check_cases[i].name, 0, rc, err);
+		if (check_cases[i].tweak)
+			check_cases[i].tweak(&c);
+		rc = ph_config_check(&c, err, sizeof(err));
+		expect_rc(check_cases[i].name, check_cases[i].err ? -1 : 0, rc, err);
+		if (check_cases[i].err)
+			expect_str(check_cases[i].name, "error", check_cases[i].err, err);
+	}
+}
+
+/* ---- set-up ---- */
+
+static int tmpdir_setup(void **state)
+{
+	snprintf(tmpdir, sizeof(tmpdir), "/tmp/test_config.XXXXXX");
+	return mkdtemp(tmpdir) ? 0 : -1;
+}
+
+static int tmpdir_teardown(void **state)
+{
+	DIR *d = opendir(tmpdir);
+	struct dirent *e;
+	char path[512];
+
+	if (d) {
+		while ((e = readdir(d))) {
+			if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
+				continue;
+			snprintf(path, sizeof(path), "%s/%s", tmpdir, e->d_name);
+			unlink(path);
+		}
+		closedir(d);
+	}
+	return rmdir(tmpdir);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+	    cmocka_unit_test(test_parse_cases),
+	    cmocka_unit_test(test_parse_line_length),
+	    cmocka_unit_test(test_parse_err_truncation),
+	    cmocka_unit_test(test_size),
+	    cmocka_unit_test(test_duration),
+	    cmocka_unit_test(test_bool),
+	    cmocka_unit_test(test_uint),
+	    cmocka_unit_test(test_hostport),
+	    cmocka_unit_test(test_format),
+	    cmocka_unit_test(test_ph_defaults),
+	    cmocka_unit_test(test_ph_set),
+	    cmocka_unit_test(test_ph_listen_limit),
+	    cmocka_unit_test(test_ph_long_spool_dir),
+	    cmocka_unit_test(test_load_cases),
+	    cmocka_unit_test(test_load_file_errors),
+	    cmocka_unit_test(test_round_trip),
+	    cmocka_unit_test(test_check),
+	};
+
+	return cmocka_run_group_tests(tests, tmpdir_setup, tmpdir_teardown);
+}
