@@ -1,26 +1,46 @@
 #!/usr/bin/env bash
-# The main job until the relay lands: a discarding SMTP sink, a short load
-# through it with posthaste-bench send, and the figures of both sides.
+# The main job: the posthaste daemon on its embedded default configuration
+# (SMTP on 127.0.0.1:2525, spool in ./var/spool, fsync before every 250),
+# a short load through it with posthaste-bench send, and the figures; then the
+# same sender against the discarding posthaste-bench sink.
+# Delivery is not built yet, so the daemon runs with its benchmark route
+# (--discard): each message is made durable, acknowledged, then dropped, and
+# the spool does not grow from one demo to the next.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bench=build/bench/posthaste-bench
-[ -x "$bench" ] || { echo "demo: run tools/setup.sh first" >&2; exit 1; }
+daemon=build/mta/posthaste/posthaste
+[ -x "$bench" ] && [ -x "$daemon" ] || { echo "demo: run tools/setup.sh first" >&2; exit 1; }
+messages=${MESSAGES:-50000}
+log=$(mktemp)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -f "$log"; }
+trap cleanup EXIT
 
-port=${PORT:-2525}
-messages=${MESSAGES:-200000}
-"$bench" sink --listen "127.0.0.1:$port" --quiet > /tmp/posthaste-demo-sink.json &
-sink=$!
-trap 'kill "$sink" 2>/dev/null || true' EXIT
-for _ in $(seq 50); do
-  (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-  sleep 0.1
-done
+wait_port() {
+  for _ in $(seq 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "demo: nothing listens on 127.0.0.1:$1" >&2
+  return 1
+}
 
-echo "== posthaste-bench send: $messages messages of 1 KiB over 50 connections to 127.0.0.1:$port"
-"$bench" send --server "127.0.0.1:$port" --connections 50 --messages "$messages" --size 1024
+echo "== posthaste (embedded defaults + --discard): spool $(pwd)/var/spool, durability fsync"
+"$daemon" --discard 2>"$log" &
+pids+=($!)
+wait_port 2525
+"$bench" send --server 127.0.0.1:2525 --connections 50 --messages "$messages" --size 1024
+kill -TERM "${pids[0]}"
+wait "${pids[0]}" || true
+grep -E "listening|workers|stopped" "$log" | sed 's/^/   /'
 
-kill -TERM "$sink"
-wait "$sink" || true
-trap - EXIT
-echo "== posthaste-bench sink counted:"
-cat /tmp/posthaste-demo-sink.json
+echo
+echo "== posthaste-bench sink on 127.0.0.1:2526 (discards at once, no disk)"
+"$bench" sink --listen 127.0.0.1:2526 --quiet >"$log" &
+pids+=($!)
+wait_port 2526
+"$bench" send --server 127.0.0.1:2526 --connections 50 --messages $((messages * 4)) --size 1024
+kill -TERM "${pids[1]}"
+wait "${pids[1]}" || true
+echo "   sink counted: $(cat "$log")"
