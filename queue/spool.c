@@ -216,7 +216,28 @@ struct spool_txn *spool_txn_begin(struct spool_worker *sw)
 		return NULL;
 	}
 	t->sw = sw;
+	t->id = id_next(sw);
 	return t;
+}
+
+uint64_t spool_txn_id(const struct spool_txn *t)
+{
+	return t->id;
+}
+
+int spool_txn_prepend(struct spool_txn *t, const char *data, size_t len)
+{
+	struct body_chunk *c = malloc(sizeof(*c) + len);
+	if (!c)
+		return -ENOMEM;
+	memcpy(c->data, data, len);
+	c->len = c->cap = len; /* full: appends go to the chunks after it */
+	c->next = t->head;
+	t->head = c;
+	if (!t->tail)
+		t->tail = c;
+	t->body_len += len;
+	return 0;
 }
 
 int spool_txn_append(struct spool_txn *t, const char *data, size_t len)
@@ -224,7 +245,8 @@ int spool_txn_append(struct spool_txn *t, const char *data, size_t len)
 	while (len) {
 		struct body_chunk *c = t->tail;
 		if (!c || c->len == c->cap) {
-			size_t cap = c ? MIN(c->cap * 2, (size_t)BODY_CHUNK_MAX) : BODY_CHUNK_MIN;
+			size_t cap = c ? MIN(MAX(c->cap * 2, (size_t)BODY_CHUNK_MIN), (size_t)BODY_CHUNK_MAX)
+				       : BODY_CHUNK_MIN;
 			struct body_chunk *n = malloc(sizeof(*n) + cap);
 			if (!n)
 				return -ENOMEM;
@@ -357,7 +379,6 @@ void spool_txn_commit(struct spool_txn *t, const struct spool_envelope *env,
 	struct spool_worker *sw = t->sw;
 	t->done = done;
 	t->arg = arg;
-	t->id = id_next(sw);
 	int r = envelope_encode(t, env);
 	if (r < 0) {
 		txn_fail_later(t, r);

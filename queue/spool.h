@@ -95,6 +95,10 @@ void spool_worker_fini(struct spool_worker *sw);
 
 /* Begins a message. NULL with errno: ENOSPC below the free-space reserve, ENOMEM. */
 struct spool_txn *spool_txn_begin(struct spool_worker *sw);
+/* The queue id the message will have (assigned at begin). */
+uint64_t spool_txn_id(const struct spool_txn *t);
+/* Puts octets before the body received so far (a trace header). 0 or -errno. */
+int spool_txn_prepend(struct spool_txn *t, const char *data, size_t len);
 /* Appends body octets (copied once into the transaction's buffers). 0 or -errno. */
 int spool_txn_append(struct spool_txn *t, const char *data, size_t len);
 /*

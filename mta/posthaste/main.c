@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "core/compiler.h"
@@ -29,10 +30,12 @@
 /* Per worker: the glue between the SMTP server's message sink and the spool. */
 struct ph_worker {
 	struct spool_worker *sw;
+	const char *hostname;
 } cache_aligned;
 
 struct ph_ctx {
 	struct ph_config cfg;
+	char hostname[256]; /* ours, for the Received: header */
 	struct spool *spool;
 	struct smtp_server *srv;
 	struct ph_worker *workers;
@@ -42,7 +45,46 @@ struct ph_ctx {
 struct ph_txn {
 	struct spool_txn *t;
 	struct smtp_session *s;
+	const char *hostname;
 };
+
+/*
+ * The trace header every relay prepends (RFC 5321 4.4):
+ *   Received: from HELO ([ADDR])
+ *           by HOST (Posthaste) with ESMTP id QUEUEID
+ *           for <RCPT>; DATE
+ * "for" only with a single recipient (more would disclose the others).
+ */
+static size_t received_header(char *buf, size_t size, const struct smtp_envelope *env,
+			      const char *peer, const char *hostname, uint64_t id)
+{
+	char qid[17], date[64];
+	spool_id_format(id, qid);
+	time_t now = time(NULL);
+	struct tm tm;
+	localtime_r(&now, &tm);
+	strftime(date, sizeof(date), "%a, %d %b %Y %H:%M:%S %z", &tm);
+	const char *proto = env->smtputf8 ? "UTF8SMTP" : env->esmtp ? "ESMTP" : "SMTP";
+	/* the HELO name is the client's text: no control characters reach the header */
+	char helo[201];
+	size_t hl = 0;
+	for (const char *h = env->helo ? env->helo : ""; *h && hl < sizeof(helo) - 1; h++)
+		helo[hl++] = (unsigned char)*h < 0x20 || *h == 0x7f ? '?' : *h;
+	helo[hl] = '\0';
+	int n;
+	if (env->nrcpts == 1)
+		n = snprintf(buf, size,
+			     "Received: from %s ([%s])\r\n\tby %s (Posthaste) with %s id %s\r\n"
+			     "\tfor <%.300s>; %s\r\n",
+			     hl ? helo : "unknown", peer, hostname, proto, qid, env->rcpts[0].addr,
+			     date);
+	else
+		n = snprintf(buf, size,
+			     "Received: from %s ([%s])\r\n\tby %s (Posthaste) with %s id %s;\r\n"
+			     "\t%s\r\n",
+			     hl ? helo : "unknown", peer, hostname, proto, qid, date);
+	return n < 0 ? 0 : MIN((size_t)n, size - 1);
+}
 
 static int sink_begin(void *ctx, struct smtp_session *s, void **txn_r)
 {
@@ -57,6 +99,7 @@ static int sink_begin(void *ctx, struct smtp_session *s, void **txn_r)
 		return -err;
 	}
 	x->s = s;
+	x->hostname = pw->hostname;
 	*txn_r = x;
 	return 0;
 }
@@ -151,6 +194,18 @@ static int sink_end(void *txn, const struct smtp_envelope *env, struct smtp_txn_
 	};
 	struct spool_txn *t = x->t;
 	x->t = NULL;
+	char trace[1024];
+	size_t tlen = received_header(trace, sizeof(trace), env, peer, x->hostname,
+				      spool_txn_id(t));
+	if (spool_txn_prepend(t, trace, tlen) < 0) {
+		spool_txn_abort(t);
+		free(heap);
+		free(x);
+		res->code = 451;
+		res->enhanced = "4.3.0";
+		snprintf(res->text, sizeof(res->text), "Error: out of memory, try again later");
+		return 1;
+	}
 	spool_txn_commit(t, &se, sink_done, x); /* copies what it keeps */
 	free(heap);
 	return 0; /* the answer comes from sink_done, after the group commit */
@@ -178,6 +233,7 @@ static int worker_init(struct net_worker *w, void *arg)
 	if (r < 0)
 		return r;
 	c->workers[i].sw = spool_worker(c->spool, i);
+	c->workers[i].hostname = c->hostname;
 	return smtp_server_worker_init(c->srv, w, &spool_sink, &c->workers[i]);
 }
 
@@ -329,9 +385,13 @@ int main(int argc, char **argv)
 		net_engine_free(&e);
 		return 1;
 	}
+	if (ctx.cfg.hostname[0])
+		snprintf(ctx.hostname, sizeof(ctx.hostname), "%s", ctx.cfg.hostname);
+	else if (gethostname(ctx.hostname, sizeof(ctx.hostname) - 1) < 0 || !ctx.hostname[0])
+		snprintf(ctx.hostname, sizeof(ctx.hostname), "localhost");
 	struct smtp_server_config sc;
 	smtp_server_config_default(&sc);
-	sc.hostname = ctx.cfg.hostname[0] ? ctx.cfg.hostname : NULL;
+	sc.hostname = ctx.hostname;
 	sc.max_message_size = ctx.cfg.message_size_limit;
 	sc.max_recipients = ctx.cfg.recipient_limit;
 	sc.timeout_command_ms = (unsigned)ctx.cfg.command_timeout_ms;
