@@ -27,6 +27,7 @@
  * that worker 0 may read them for the progress line.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
 #include <inttypes.h>
 #include <math.h>
@@ -59,6 +60,7 @@
 #define SEND_MAX_WINDOW   256  /* --window: transactions in flight per connection */
 #define SEND_WIN_CMDS_MAX 1024 /* windowed: a longer MAIL + RCPTs block is queued by reference */
 #define SEND_WIN_BUF      (8 + SEND_WIN_CMDS_MAX + 48 + SEND_HDR_MAX)
+#define SEND_ID_LINE_MAX  520 /* --ids-file: longest line written (a reply text is shorter) */
 
 /* ---- options and process context ---- */
 
@@ -80,6 +82,7 @@ struct send_opts {
 	const char *from;
 	const char *to;
 	const char *helo;
+	const char *ids_file; /* --ids-file: one line per accepted message, its queue id */
 };
 
 struct send_stats {
@@ -122,6 +125,7 @@ struct send_ctx {
 	size_t hdr_len;     /* the per-message header's (constant) length */
 	bool win_copy_cmds; /* windowed: MAIL + RCPTs within SEND_WIN_CMDS_MAX, copied */
 	uint32_t nonce;
+	int ids_fd; /* --ids-file, O_APPEND; -1 without */
 	uint64_t timeout_ms;
 	uint64_t deadline_ms; /* clock_ms() after which no message is claimed (duration mode) */
 	uint64_t hard_stop_ms;
@@ -642,6 +646,36 @@ static void sess_next(struct sess *s)
 	sess_claim(s);
 }
 
+/*
+ * --ids-file: appends the queue id of an accepted message (the token after
+ * "queued as " in the final reply, else the whole reply text) as one line, in
+ * one write(2), so that lines from several workers never interleave.
+ */
+static void send_note_id(const struct send_ctx *ctx, const struct smtp_reply_line *ln)
+{
+	static const char tag[] = "queued as ";
+	char line[SEND_ID_LINE_MAX];
+	const char *p = ln->text, *end = ln->text + ln->text_len;
+	size_t n;
+
+	if (ctx->ids_fd < 0)
+		return;
+	for (const char *q = ln->text; q + sizeof(tag) - 1 <= end; q++) {
+		if (memcmp(q, tag, sizeof(tag) - 1) == 0) {
+			p = q + sizeof(tag) - 1;
+			end = p;
+			while (end < ln->text + ln->text_len && *end != ' ' && *end != '\t')
+				end++;
+			break;
+		}
+	}
+	n = MIN((size_t)(end - p), sizeof(line) - 1);
+	memcpy(line, p, n);
+	line[n++] = '\n';
+	if (write(ctx->ids_fd, line, n) != (ssize_t)n)
+		log_once(LOG_WARN, "send: --ids-file: write failed: %s", strerror(errno));
+}
+
 /* The transaction is over: count it, then RSET if the server may hold state, or go on. */
 static void sess_txn_done(struct sess *s, unsigned cls, bool rset)
 {
@@ -745,6 +779,8 @@ static void sess_txn_reply(struct sess *s, const struct smtp_reply_line *ln)
 			s->fail_class = (uint8_t)(cls == 4 ? 4 : 5);
 			send_log_reject(s->msg_no, "BDAT", ln);
 		}
+		if (!s->fail_class)
+			send_note_id(ctx, ln);
 		sess_txn_done(s, s->fail_class, s->mail_ok);
 		return;
 	}
@@ -853,6 +889,7 @@ static void sess_win_reply(struct sess *s, const struct smtp_reply_line *ln)
 			log_debug("send: message %" PRIu64 " accepted after its MAIL was refused "
 			          "(the server had kept an earlier envelope)",
 			          t->msg_no);
+		send_note_id(s->w->ctx, ln);
 		sess_win_done(s, t, 0);
 		return;
 	}
@@ -974,6 +1011,8 @@ static void sess_reply(struct sess *s, const struct smtp_reply_line *ln)
 			s->fail_class = (uint8_t)(cls == 4 ? 4 : 5);
 			send_log_reject(s->msg_no, "end of data", ln);
 		}
+		if (!s->fail_class)
+			send_note_id(ctx, ln);
 		sess_txn_done(s, s->fail_class, false);
 		return;
 	}
@@ -1298,6 +1337,9 @@ static void send_usage(FILE *f)
 	    "  --helo NAME          EHLO name (default posthaste-bench.example)\n"
 	    "  --timeout SECONDS    longest wait for one reply (default 60)\n"
 	    "  --json               one JSON line with the results on stdout\n"
+	    "  --ids-file FILE      append the queue id of every accepted message to FILE, one\n"
+	    "                       a line (the token after \"queued as \" in the final reply,\n"
+	    "                       else the whole reply text)\n"
 	    "  --help               this text\n"
 	    "Exit: 0 every message accepted, 1 some failed, 2 usage error.\n",
 	    f);
@@ -1398,6 +1440,7 @@ enum {
 	OPT_HELO,
 	OPT_TIMEOUT,
 	OPT_JSON,
+	OPT_IDS_FILE,
 	OPT_HELP,
 };
 
@@ -1422,6 +1465,7 @@ static int send_parse_args(int argc, char **argv, struct send_opts *o)
 	    {"helo", required_argument, NULL, OPT_HELO},
 	    {"timeout", required_argument, NULL, OPT_TIMEOUT},
 	    {"json", no_argument, NULL, OPT_JSON},
+	    {"ids-file", required_argument, NULL, OPT_IDS_FILE},
 	    {"help", no_argument, NULL, OPT_HELP},
 	    {NULL, 0, NULL, 0},
 	};
@@ -1527,6 +1571,11 @@ static int send_parse_args(int argc, char **argv, struct send_opts *o)
 			break;
 		case OPT_JSON:
 			o->json = true;
+			break;
+		case OPT_IDS_FILE:
+			if (!*optarg)
+				return send_usage_error("--ids-file: expected a file name");
+			o->ids_file = optarg;
 			break;
 		case OPT_HELP:
 			send_usage(stdout);
@@ -1786,6 +1835,8 @@ static void send_ctx_free(struct send_ctx *ctx)
 		free(ctx->workers);
 	}
 	net_engine_free(&ctx->engine);
+	if (ctx->ids_fd >= 0)
+		close(ctx->ids_fd);
 	free(ctx->cmds);
 	free(ctx->rcpt_off);
 	free(ctx->ehlo);
@@ -1812,11 +1863,20 @@ int send_main(int argc, char **argv)
 	int rc, status = 1;
 
 	memset(ctx, 0, sizeof(*ctx));
+	ctx->ids_fd = -1;
 	rc = send_parse_args(argc, argv, &ctx->o);
 	if (rc)
 		return rc < 0 ? 0 : rc;
 	if (send_resolve(ctx) < 0)
 		return 2;
+	if (ctx->o.ids_file) {
+		ctx->ids_fd = open(ctx->o.ids_file, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+		if (ctx->ids_fd < 0) {
+			fprintf(stderr, "posthaste-bench send: --ids-file: cannot open %s: %s\n",
+			        ctx->o.ids_file, strerror(errno));
+			return 2;
+		}
+	}
 
 	cpus = sysconf(_SC_NPROCESSORS_ONLN);
 	ctx->nworkers = ctx->o.workers ? ctx->o.workers : (unsigned)MIN(MAX(cpus, 1L), 2L);

@@ -74,7 +74,7 @@ struct spool_worker {
 	uint64_t seq;
 	uint64_t offset; /* known good end of the current segment */
 	uint32_t id_counter;
-	uint32_t id_second;
+	uint64_t id_ms; /* the millisecond of the last id */
 	struct spool_txn *pending_head, *pending_tail;
 	struct spool_txn *failed; /* sealing failed: answered at turn end */
 	struct spool_txn *batch; /* in flight */
@@ -102,6 +102,7 @@ struct spool {
 	struct spool_worker *workers;
 	uint64_t next_seq; /* first free segment sequence, shared out at worker init */
 	uint64_t recovered, recovered_bad;
+	uint64_t max_id_ms; /* the newest id's millisecond found at start-up */
 };
 
 static const char zeros[8];
@@ -113,16 +114,26 @@ void spool_id_format(uint64_t id, char *buf)
 	snprintf(buf, 17, "%016" PRIX64, id);
 }
 
-/* (unix seconds:32 | worker:8 | counter:24): unique per spool while clocks go forward. */
+/*
+ * (unix milliseconds:44 | worker:8 | counter:12), strictly increasing per
+ * worker and unique for the life of the spool: a worker starts above every id
+ * recovery found (so a restart within the same millisecond, or a clock that
+ * went back, cannot repeat one), and more than 4096 ids in a millisecond move
+ * on to the next millisecond.
+ */
 static uint64_t id_next(struct spool_worker *sw)
 {
-	uint32_t now = (uint32_t)time(NULL);
-	if (now != sw->id_second) {
-		sw->id_second = now;
+	struct timespec ts;
+	clock_gettime(CLOCK_REALTIME, &ts);
+	uint64_t now = (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+	if (now > sw->id_ms) {
+		sw->id_ms = now;
+		sw->id_counter = 0;
+	} else if (sw->id_counter == 4096) {
+		sw->id_ms++;
 		sw->id_counter = 0;
 	}
-	uint32_t n = sw->id_counter++ & 0xffffffu;
-	return ((uint64_t)now << 32) | ((uint64_t)(sw->index & 0xff) << 24) | n;
+	return (sw->id_ms << 20) | ((uint64_t)(sw->index & 0xff) << 12) | sw->id_counter++;
 }
 
 /* ---- files ---- */
@@ -592,6 +603,7 @@ int spool_worker_init(struct spool *sp, struct net_worker *w)
 	if (sw->dirfd < 0)
 		return -errno;
 	sw->seq = sp->next_seq + i;
+	sw->id_ms = sp->max_id_ms; /* every new id is above every id already in the spool */
 	int r = segment_open_new(sw);
 	if (r < 0) {
 		log_err("spool: worker %u: cannot create a segment in %s: %s", i, path, strerror(-r));
@@ -720,6 +732,8 @@ static void recover_segment(struct spool *sp, int dirfd, const char *name)
 		if (r == 1) {
 			if (rec.type == RECORD_MESSAGE)
 				messages++;
+			if ((rec.queue_id >> 20) > sp->max_id_ms)
+				sp->max_id_ms = rec.queue_id >> 20;
 			continue;
 		}
 		bad++;
