@@ -23,6 +23,7 @@
 #include "core/compiler.h"
 #include "core/log.h"
 #include "mta/posthaste/config.h"
+#include "mta/posthaste/queue_cmd.h"
 #include "mta/smtp/smtp_server.h"
 #include "net/net.h"
 #include "queue/spool.h"
@@ -256,12 +257,17 @@ static void usage(FILE *f)
 	      "                 [--discard] [--log-level error|warning|info|debug] [--check-config]\n"
 	      "Accepts mail over SMTP into a durable spool. Without a file or flags it listens on\n"
 	      "127.0.0.1:2525 with the spool in ./var/spool. --check-config prints the effective\n"
-	      "configuration and exits. See docs/configuration.md.\n",
+	      "configuration and exits. See docs/configuration.md.\n"
+	      "       posthaste queue list [--json] | show ID   [--spool DIR | --config FILE]\n"
+	      "Lists or shows the queued messages (reads the spool; works with or without the\n"
+	      "daemon running).\n",
 	      f);
 }
 
 int main(int argc, char **argv)
 {
+	if (argc > 1 && !strcmp(argv[1], "queue"))
+		return ph_queue_main(argc - 1, argv + 1);
 	static const struct option opts[] = {
 		{"config", required_argument, NULL, 'c'},
 		{"listen", required_argument, NULL, 'l'},

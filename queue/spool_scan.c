@@ -1,0 +1,249 @@
+/*
+ * The read-only spool walk: see spool_scan.h. Segment discovery and the
+ * record loop follow recover()/recover_segment() in spool.c, without their
+ * side effects (no lock, no unlink).
+ */
+#include "queue/spool_scan.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "core/log.h"
+#include "queue/record.h"
+
+struct seg {
+	char *path;
+	uint64_t seq; /* from the name; UINT64_MAX when it has none */
+	bool newest;  /* the highest sequence of its worker directory */
+};
+
+struct seg_list {
+	struct seg *v;
+	size_t n, cap;
+};
+
+static void seg_list_free(struct seg_list *l)
+{
+	for (size_t i = 0; i < l->n; i++)
+		free(l->v[i].path);
+	free(l->v);
+	l->v = NULL;
+	l->n = l->cap = 0;
+}
+
+static int seg_list_add(struct seg_list *l, const char *dir, const char *name)
+{
+	if (l->n == l->cap) {
+		size_t cap = l->cap ? l->cap * 2 : 16;
+		struct seg *v = realloc(l->v, cap * sizeof(*v));
+		if (!v)
+			return -ENOMEM;
+		l->v = v;
+		l->cap = cap;
+	}
+	struct seg *s = &l->v[l->n];
+	if (asprintf(&s->path, "%s/%s", dir, name) < 0)
+		return -ENOMEM;
+	char *end;
+	errno = 0;
+	unsigned long long seq = strtoull(name + 4, &end, 16);
+	s->seq = end != name + 4 && !errno && !strcmp(end, ".log") ? seq : UINT64_MAX;
+	s->newest = false;
+	l->n++;
+	return 0;
+}
+
+static int seg_cmp(const void *a, const void *b)
+{
+	const struct seg *x = a, *y = b;
+	if (x->seq != y->seq)
+		return x->seq < y->seq ? -1 : 1;
+	return strcmp(x->path, y->path);
+}
+
+/* Adds the segments of one worker directory and marks its newest. */
+static int list_worker(struct seg_list *l, const char *wdir, char *err, size_t errlen)
+{
+	DIR *d = opendir(wdir);
+	if (!d) {
+		if (errno == ENOENT || errno == ENOTDIR)
+			return 0; /* not a directory, or gone */
+		int e = errno;
+		snprintf(err, errlen, "cannot open %s: %s", wdir, strerror(e));
+		return -e;
+	}
+	size_t first = l->n;
+	struct dirent *de;
+	int r = 0;
+	while ((de = readdir(d))) {
+		if (strncmp(de->d_name, "seg-", 4) || !strstr(de->d_name, ".log"))
+			continue;
+		r = seg_list_add(l, wdir, de->d_name);
+		if (r < 0) {
+			snprintf(err, errlen, "out of memory");
+			break;
+		}
+	}
+	closedir(d);
+	size_t newest = SIZE_MAX;
+	for (size_t i = first; i < l->n; i++)
+		if (l->v[i].seq != UINT64_MAX &&
+		    (newest == SIZE_MAX || l->v[i].seq > l->v[newest].seq))
+			newest = i;
+	if (newest != SIZE_MAX)
+		l->v[newest].newest = true;
+	return r;
+}
+
+static int list_segments(const char *spool_dir, struct seg_list *l, char *err, size_t errlen)
+{
+	DIR *d = opendir(spool_dir);
+	if (!d) {
+		int e = errno;
+		snprintf(err, errlen, "cannot open the spool directory %s: %s", spool_dir,
+		         strerror(e));
+		return -e;
+	}
+	struct dirent *de;
+	int r = 0;
+	while ((de = readdir(d))) {
+		if (de->d_name[0] != 'w')
+			continue;
+		char *wdir;
+		if (asprintf(&wdir, "%s/%s", spool_dir, de->d_name) < 0) {
+			snprintf(err, errlen, "out of memory");
+			r = -ENOMEM;
+			break;
+		}
+		r = list_worker(l, wdir, err, errlen);
+		free(wdir);
+		if (r < 0)
+			break;
+	}
+	closedir(d);
+	if (r == 0 && l->n)
+		qsort(l->v, l->n, sizeof(*l->v), seg_cmp);
+	return r;
+}
+
+/* Maps one segment (NULL map with 0 for one to skip). 0 or -errno. */
+static int seg_map(const struct seg *s, const uint8_t **map_r, size_t *len_r, char *err,
+                   size_t errlen)
+{
+	*map_r = NULL;
+	*len_r = 0;
+	int fd = open(s->path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0) {
+		if (errno == ENOENT)
+			return 0; /* an empty segment the daemon removed meanwhile */
+		int e = errno;
+		snprintf(err, errlen, "cannot open %s: %s", s->path, strerror(e));
+		return -e;
+	}
+	struct stat st;
+	if (fstat(fd, &st) < 0) {
+		int e = errno;
+		snprintf(err, errlen, "cannot stat %s: %s", s->path, strerror(e));
+		close(fd);
+		return -e;
+	}
+	if (!S_ISREG(st.st_mode) || st.st_size < (off_t)SEGMENT_HEADER_SIZE) {
+		close(fd); /* being created (its header not yet written), or not a file */
+		return 0;
+	}
+	size_t len = (size_t)st.st_size;
+	void *map = mmap(NULL, len, PROT_READ, MAP_PRIVATE, fd, 0);
+	int e = errno;
+	close(fd);
+	if (map == MAP_FAILED) {
+		snprintf(err, errlen, "cannot map %s: %s", s->path, strerror(e));
+		return -e;
+	}
+	*map_r = map;
+	*len_r = len;
+	return 0;
+}
+
+/* Calls each for the messages of one mapped segment. 0, or each's non-zero value. */
+static int seg_scan(const struct seg *s, const uint8_t *map, size_t len,
+                    int (*each)(void *arg, const struct spool_scan_item *it), void *arg)
+{
+	struct segment_header sh;
+	if (segment_header_decode(map, len, &sh) < 0) {
+		log_warn("spool: %s: not a segment (bad header); skipped", s->path);
+		return 0;
+	}
+	struct record_reader rr;
+	record_reader_init(&rr, SEGMENT_HEADER_SIZE);
+	for (;;) {
+		struct record rec;
+		int r = record_next(&rr, map, len, &rec);
+		if (r == 0)
+			return 0;
+		if (r == 1) {
+			if (rec.type != RECORD_MESSAGE)
+				continue;
+			struct spool_message m;
+			char why[256];
+			int d =
+			    spool_envelope_decode(rec.payload, rec.length, &m, why, sizeof(why));
+			if (d < 0) {
+				log_warn("spool: %s: message %016" PRIX64 " at offset %" PRIu64
+				         ": %s; skipped",
+				         s->path, rec.queue_id, rec.offset, why);
+				continue;
+			}
+			struct spool_scan_item it = {
+			    .queue_id = rec.queue_id,
+			    .segment = s->path,
+			    .offset = rec.offset,
+			    .length = rec.length,
+			    .msg = &m,
+			};
+			int stop = each(arg, &it);
+			spool_message_free(&m);
+			if (stop)
+				return stop;
+			continue;
+		}
+		uint64_t at = rec.offset;
+		enum record_error why = rec.error;
+		if (record_resync(&rr, map, len))
+			log_warn("spool: %s: %s at offset %" PRIu64 "; skipped to offset %" PRIu64,
+			         s->path, record_error_str(why), at, record_reader_offset(&rr));
+		else {
+			/* nothing valid after it: a torn tail, or damage up to the end */
+			if (!(s->newest && why == RECORD_E_TORN))
+				log_warn("spool: %s: %s at offset %" PRIu64 "; the rest skipped",
+				         s->path, record_error_str(why), at);
+			return 0;
+		}
+	}
+}
+
+int spool_scan(const char *spool_dir, int (*each)(void *arg, const struct spool_scan_item *it),
+               void *arg, char *err, size_t errlen)
+{
+	struct seg_list l = {0};
+	int r = list_segments(spool_dir, &l, err, errlen);
+	for (size_t i = 0; r == 0 && i < l.n; i++) {
+		const uint8_t *map;
+		size_t len;
+		r = seg_map(&l.v[i], &map, &len, err, errlen);
+		if (r < 0 || !map)
+			continue;
+		r = seg_scan(&l.v[i], map, len, each, arg);
+		munmap((void *)map, len);
+	}
+	seg_list_free(&l);
+	return r;
+}
