@@ -11,9 +11,7 @@
 
 #include "core/compiler.h"
 
-static void config_err(char *err, size_t errlen, const char *fmt, ...) printf_like(3, 4);
-
-static void config_err(char *err, size_t errlen, const char *fmt, ...)
+void config_err(char *err, size_t errlen, const char *fmt, ...)
 {
 	va_list ap;
 

@@ -25,6 +25,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "core/compiler.h"
+
 #define CONFIG_LINE_MAX 4096u           /* octets per line, without its LF */
 #define CONFIG_FILE_MAX (1024u * 1024u) /* octets per file (config_parse_file) */
 
@@ -91,5 +93,8 @@ void config_size_format(uint64_t n, char *buf, size_t len);
 
 /* Formats ms with the largest exact unit ("5m", "250ms", "0s"), read back by config_duration_ms. */
 void config_duration_format(uint64_t ms, char *buf, size_t len);
+
+/* Formats an error message into err (nothing when err is NULL or errlen 0). */
+void config_err(char *err, size_t errlen, const char *fmt, ...) printf_like(3, 4);
 
 #endif

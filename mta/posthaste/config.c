@@ -63,18 +63,6 @@ static const char *const ph_log_level_names[] = {"error", "warning", "info", "de
 
 #define CONTROL_SOCKET_NAME "/control.sock"
 
-static void ph_err(char *err, size_t errlen, const char *fmt, ...) printf_like(3, 4);
-
-static void ph_err(char *err, size_t errlen, const char *fmt, ...)
-{
-	va_list ap;
-
-	if (!err || !errlen)
-		return;
-	va_start(ap, fmt);
-	vsnprintf(err, errlen, fmt, ap);
-	va_end(ap);
-}
 
 void ph_config_default(struct ph_config *c)
 {
@@ -136,23 +124,23 @@ static int ph_path_check(const struct ph_key *k, const char *v, char *err, size_
 	size_t n = strnlen(v, k->size);
 
 	if (n < k->min) {
-		ph_err(err, errlen, "%s: must not be empty", k->name);
+		config_err(err, errlen, "%s: must not be empty", k->name);
 		return -1;
 	}
 	if (n >= k->size) {
-		ph_err(err, errlen, "%s: longer than %zu octets", k->name, k->size - 1);
+		config_err(err, errlen, "%s: longer than %zu octets", k->name, k->size - 1);
 		return -1;
 	}
 	for (size_t i = 0; i < n; i++) {
 		unsigned char ch = (unsigned char)v[i];
 		if (ch < 0x20 || ch == 0x7f) {
-			ph_err(err, errlen, "%s: contains a control character", k->name);
+			config_err(err, errlen, "%s: contains a control character", k->name);
 			return -1;
 		}
 	}
 	/* ph_config_print must be able to write it back on one line */
 	if (strlen(k->name) + 3 + ph_printed_len(v, n) > CONFIG_LINE_MAX) {
-		ph_err(err, errlen,
+		config_err(err, errlen,
 		       "%s: too long to be written on one configuration line (%u octets)", k->name,
 		       CONFIG_LINE_MAX);
 		return -1;
@@ -171,12 +159,12 @@ static int ph_hostname_check(const struct ph_key *k, const char *v, char *err, s
 	size_t n = strnlen(v, k->size);
 
 	if (n >= k->size) {
-		ph_err(err, errlen, "%s: longer than %zu octets", k->name, k->size - 1);
+		config_err(err, errlen, "%s: longer than %zu octets", k->name, k->size - 1);
 		return -1;
 	}
 	for (size_t i = 0; i < n; i++) {
 		if (!ph_hostname_char(v[i])) {
-			ph_err(err, errlen,
+			config_err(err, errlen,
 			       "%s: '%.64s' is not a host name (letters, digits, '-', '.', '_', "
 			       "or an address literal in brackets)",
 			       k->name, v);
@@ -206,7 +194,7 @@ static int ph_range_check(const struct ph_key *k, uint64_t v, char *err, size_t 
 		snprintf(lo, sizeof(lo), "%llu", (unsigned long long)k->min);
 		snprintf(hi, sizeof(hi), "%llu", (unsigned long long)k->max);
 	}
-	ph_err(err, errlen, "%s: %s is out of range (%s to %s)", k->name, a, lo, hi);
+	config_err(err, errlen, "%s: %s is out of range (%s to %s)", k->name, a, lo, hi);
 	return -1;
 }
 
@@ -225,15 +213,15 @@ static int ph_set_listen(struct ph_config *c, const char *v, char *err, size_t e
 
 	memset(&l, 0, sizeof(l));
 	if (c->nlisten >= PH_LISTEN_MAX) {
-		ph_err(err, errlen, "listen: more than %u addresses", PH_LISTEN_MAX);
+		config_err(err, errlen, "listen: more than %u addresses", PH_LISTEN_MAX);
 		return -1;
 	}
 	if (config_hostport(v, l.host, sizeof(l.host), &l.port, why, sizeof(why)) < 0) {
-		ph_err(err, errlen, "listen: %s", why);
+		config_err(err, errlen, "listen: %s", why);
 		return -1;
 	}
 	if (!ph_listen_host_ok(l.host)) {
-		ph_err(err, errlen, "listen: '%s' is not an IPv4 or IPv6 address", l.host);
+		config_err(err, errlen, "listen: '%s' is not an IPv4 or IPv6 address", l.host);
 		return -1;
 	}
 	c->listen[c->nlisten++] = l;
@@ -264,7 +252,7 @@ static int ph_set(struct ph_config *c, const struct ph_key *k, const char *v, ch
 	case PH_K_DURABILITY:
 		i = ph_name_index(ph_durability_names, ARRAY_SIZE(ph_durability_names), v);
 		if (i < 0) {
-			ph_err(err, errlen, "%s: '%.64s' is not fsync, batch or none", k->name, v);
+			config_err(err, errlen, "%s: '%.64s' is not fsync, batch or none", k->name, v);
 			return -1;
 		}
 		c->durability = (enum ph_durability)i;
@@ -272,7 +260,7 @@ static int ph_set(struct ph_config *c, const struct ph_key *k, const char *v, ch
 	case PH_K_LOG_LEVEL:
 		i = ph_name_index(ph_log_level_names, ARRAY_SIZE(ph_log_level_names), v);
 		if (i < 0) {
-			ph_err(err, errlen, "%s: '%.64s' is not error, warning, info or debug",
+			config_err(err, errlen, "%s: '%.64s' is not error, warning, info or debug",
 			       k->name, v);
 			return -1;
 		}
@@ -280,7 +268,7 @@ static int ph_set(struct ph_config *c, const struct ph_key *k, const char *v, ch
 		return 0;
 	case PH_K_UINT:
 		if (config_uint(v, (unsigned)k->min, (unsigned)k->max, &u, why, sizeof(why)) < 0) {
-			ph_err(err, errlen, "%s: %s", k->name, why);
+			config_err(err, errlen, "%s: %s", k->name, why);
 			return -1;
 		}
 		memcpy(field, &u, sizeof(u));
@@ -289,7 +277,7 @@ static int ph_set(struct ph_config *c, const struct ph_key *k, const char *v, ch
 	case PH_K_DURATION:
 		if ((k->type == PH_K_SIZE ? config_size(v, &u64, why, sizeof(why))
 		                          : config_duration_ms(v, &u64, why, sizeof(why))) < 0) {
-			ph_err(err, errlen, "%s: %s", k->name, why);
+			config_err(err, errlen, "%s: %s", k->name, why);
 			return -1;
 		}
 		if (ph_range_check(k, u64, err, errlen) < 0)
@@ -298,7 +286,7 @@ static int ph_set(struct ph_config *c, const struct ph_key *k, const char *v, ch
 		return 0;
 	case PH_K_BOOL:
 		if (config_bool(v, &b, why, sizeof(why)) < 0) {
-			ph_err(err, errlen, "%s: %s", k->name, why);
+			config_err(err, errlen, "%s: %s", k->name, why);
 			return -1;
 		}
 		memcpy(field, &b, sizeof(b));
@@ -314,13 +302,13 @@ int ph_config_set(struct ph_config *c, const char *key, const char *value, char 
 			return ph_set(c, &ph_keys[i], value, err, errlen);
 	for (size_t i = 0; i < ARRAY_SIZE(ph_reserved); i++) {
 		if (strcasecmp(key, ph_reserved[i]) == 0) {
-			ph_err(err, errlen,
+			config_err(err, errlen,
 			       "'%s' is not supported yet (reserved for a later version)",
 			       ph_reserved[i]);
 			return -1;
 		}
 	}
-	ph_err(err, errlen, "unknown key '%.64s'", key);
+	config_err(err, errlen, "unknown key '%.64s'", key);
 	return -1;
 }
 
@@ -385,13 +373,13 @@ static int ph_check_key(const struct ph_config *c, const struct ph_key *k, char 
 		return ph_hostname_check(k, field, err, errlen);
 	case PH_K_DURABILITY:
 		if ((unsigned)c->durability >= ARRAY_SIZE(ph_durability_names)) {
-			ph_err(err, errlen, "durability: invalid value %d", (int)c->durability);
+			config_err(err, errlen, "durability: invalid value %d", (int)c->durability);
 			return -1;
 		}
 		return 0;
 	case PH_K_LOG_LEVEL:
 		if ((unsigned)c->log_level >= ARRAY_SIZE(ph_log_level_names)) {
-			ph_err(err, errlen, "log_level: invalid value %d", (int)c->log_level);
+			config_err(err, errlen, "log_level: invalid value %d", (int)c->log_level);
 			return -1;
 		}
 		return 0;
@@ -421,11 +409,11 @@ static int ph_check_listen(const struct ph_config *c, char *err, size_t errlen)
 	char a[96];
 
 	if (c->nlisten == 0) {
-		ph_err(err, errlen, "listen: no address to listen on");
+		config_err(err, errlen, "listen: no address to listen on");
 		return -1;
 	}
 	if (c->nlisten > PH_LISTEN_MAX) {
-		ph_err(err, errlen, "listen: more than %u addresses", PH_LISTEN_MAX);
+		config_err(err, errlen, "listen: more than %u addresses", PH_LISTEN_MAX);
 		return -1;
 	}
 	for (unsigned i = 0; i < c->nlisten; i++) {
@@ -433,7 +421,7 @@ static int ph_check_listen(const struct ph_config *c, char *err, size_t errlen)
 
 		memset(addr[i], 0, sizeof(addr[i]));
 		if (strnlen(l->host, sizeof(l->host)) == sizeof(l->host)) {
-			ph_err(err, errlen, "listen: host %u is not NUL-terminated", i + 1);
+			config_err(err, errlen, "listen: host %u is not NUL-terminated", i + 1);
 			return -1;
 		}
 		if (inet_pton(AF_INET, l->host, addr[i]) == 1) {
@@ -441,13 +429,13 @@ static int ph_check_listen(const struct ph_config *c, char *err, size_t errlen)
 		} else if (inet_pton(AF_INET6, l->host, addr[i]) == 1) {
 			addr[i][16] = 6;
 		} else {
-			ph_err(err, errlen, "listen: '%s' is not an IPv4 or IPv6 address", l->host);
+			config_err(err, errlen, "listen: '%s' is not an IPv4 or IPv6 address", l->host);
 			return -1;
 		}
 		for (unsigned j = 0; j < i && l->port != 0; j++) {
 			if (c->listen[j].port == l->port && memcmp(addr[i], addr[j], 17) == 0) {
 				ph_listen_format(l, a, sizeof(a));
-				ph_err(err, errlen, "listen: %s is given twice", a);
+				config_err(err, errlen, "listen: %s is given twice", a);
 				return -1;
 			}
 		}
@@ -468,7 +456,7 @@ int ph_config_check(const struct ph_config *c, char *err, size_t errlen)
 	dir_len = strlen(c->spool_dir);
 	if (!c->control_socket[0] &&
 	    dir_len + strlen(CONTROL_SOCKET_NAME) >= sizeof(c->control_socket)) {
-		ph_err(err, errlen,
+		config_err(err, errlen,
 		       "control_socket: the default, spool_dir + \"" CONTROL_SOCKET_NAME "\", "
 		       "would be %zu octets, more than a socket path holds (%zu): "
 		       "set control_socket or a shorter spool_dir",
