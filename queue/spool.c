@@ -37,6 +37,7 @@
 #include "core/compiler.h"
 #include "core/log.h"
 #include "queue/record.h"
+#include "queue/state.h"
 
 #define BODY_CHUNK_MIN  (16u * 1024)
 #define BODY_CHUNK_MAX  (4u * 1024 * 1024)
@@ -101,7 +102,7 @@ struct spool {
 	unsigned nworkers;
 	struct spool_worker *workers;
 	uint64_t next_seq; /* first free segment sequence, shared out at worker init */
-	uint64_t recovered, recovered_bad;
+	uint64_t recovered, recovered_held, recovered_bad;
 	uint64_t max_id_ms; /* the newest id's millisecond found at start-up */
 };
 
@@ -686,17 +687,83 @@ static int take_lock(struct spool *sp, char *err, size_t errlen)
 	return 0;
 }
 
-/* Scans one segment: counts its messages, logs damage. Returns the highest seq seen. */
-static void recover_segment(struct spool *sp, int dirfd, const char *name)
+/*
+ * Recovery. Every segment is scanned in (sequence, path) order: each message
+ * record's id is kept with its segment's index, each state record is added to
+ * a state table (queue/state.h) and kept with its segment too. Memory is
+ * proportional to the number of records: no message body is kept.
+ *
+ * Then each message's current state is looked up: neither final nor held is
+ * queued (`recovered`), held is `recovered_held`. A segment is removed when it
+ * is undamaged, every message in it is final, it holds no record this version
+ * does not understand, and every state record in it names a message whose own
+ * segments are removed too (or no message at all, when every segment could be
+ * read). Removal goes in rounds, so that a state record is never unlinked
+ * before the message it makes final: a crash in between cannot bring a
+ * deleted message back. Segments that depend on each other in a cycle stay.
+ */
+struct rec_seg {
+	char *name;
+	unsigned dir;  /* index into rec_ctx.dirfds */
+	uint64_t seq;  /* from the name; UINT64_MAX without one */
+	size_t st_first, st_end; /* its state records in rec_ctx.strecs */
+	uint64_t nmsgs;
+	bool scanned;  /* header read: its records are known */
+	bool keep;     /* damaged, or a record not understood: never removed */
+	bool live;     /* holds a message that is not final */
+	bool removable, gone;
+};
+
+struct rec_ref {
+	uint64_t id;
+	uint32_t seg;
+};
+
+struct rec_ctx {
+	int *dirfds;
+	unsigned ndirs;
+	struct rec_seg *segs;
+	size_t nsegs, segcap;
+	struct rec_ref *msgs; /* message records, in scan order */
+	size_t nmsgs, msgcap;
+	struct rec_ref *strecs; /* state records, in scan order */
+	size_t nstrecs, strcap;
+	struct state_table states;
+	bool incomplete; /* a segment could not be read: an unknown id may be in it */
+	bool oom;
+};
+
+static bool ref_push(struct rec_ref **v, size_t *n, size_t *cap, uint64_t id, uint32_t seg)
 {
+	if (*n == *cap) {
+		size_t c = *cap ? *cap * 2 : 1024;
+		struct rec_ref *nv = realloc(*v, c * sizeof(*nv));
+		if (!nv)
+			return false;
+		*v = nv;
+		*cap = c;
+	}
+	(*v)[(*n)++] = (struct rec_ref){id, seg};
+	return true;
+}
+
+/* Scans one segment: keeps its message and state records, logs damage. */
+static void recover_segment(struct spool *sp, struct rec_ctx *c, uint32_t si)
+{
+	struct rec_seg *sg = &c->segs[si];
+	int dirfd = c->dirfds[sg->dir];
+	const char *name = sg->name;
+	sg->st_first = sg->st_end = c->nstrecs;
 	int fd = openat(dirfd, name, O_RDONLY | O_CLOEXEC);
 	if (fd < 0) {
 		log_err("spool: cannot open segment %s: %s", name, strerror(errno));
+		c->incomplete = true;
 		return;
 	}
 	struct stat st;
 	if (fstat(fd, &st) < 0) {
 		log_err("spool: cannot stat segment %s: %s", name, strerror(errno));
+		c->incomplete = true;
 		close(fd);
 		return;
 	}
@@ -704,6 +771,7 @@ static void recover_segment(struct spool *sp, int dirfd, const char *name)
 		/* created but its header never made it: no message can be in it */
 		close(fd);
 		unlinkat(dirfd, name, 0);
+		sg->gone = true;
 		return;
 	}
 	size_t len = (size_t)st.st_size;
@@ -711,29 +779,46 @@ static void recover_segment(struct spool *sp, int dirfd, const char *name)
 	close(fd);
 	if (map == MAP_FAILED) {
 		log_err("spool: cannot map segment %s: %s", name, strerror(errno));
+		c->incomplete = true;
 		return;
 	}
 	struct segment_header sh;
 	if (segment_header_decode(map, len, &sh) < 0) {
 		log_err("spool: %s: not a segment (bad header); left alone", name);
+		c->incomplete = true;
 		munmap((void *)map, len);
 		return;
 	}
+	sg->scanned = true;
 	if (sh.seq + 1 > sp->next_seq)
 		sp->next_seq = sh.seq + 1;
 	struct record_reader rr;
 	record_reader_init(&rr, SEGMENT_HEADER_SIZE);
-	uint64_t messages = 0, bad = 0;
+	uint64_t bad = 0;
 	for (;;) {
 		struct record rec;
 		int r = record_next(&rr, map, len, &rec);
 		if (r == 0)
 			break;
 		if (r == 1) {
-			if (rec.type == RECORD_MESSAGE)
-				messages++;
 			if ((rec.queue_id >> 20) > sp->max_id_ms)
 				sp->max_id_ms = rec.queue_id >> 20;
+			if (rec.type == RECORD_MESSAGE) {
+				sg->nmsgs++;
+				if (!ref_push(&c->msgs, &c->nmsgs, &c->msgcap, rec.queue_id, si))
+					c->oom = true;
+			} else if (rec.type == RECORD_STATE) {
+				enum spool_state s;
+				if (state_payload_decode(rec.payload, rec.length, &s, NULL) < 0) {
+					sg->keep = true; /* a newer writer's state: not ours to drop */
+					continue;
+				}
+				if (state_table_add(&c->states, rec.queue_id, s) < 0 ||
+				    !ref_push(&c->strecs, &c->nstrecs, &c->strcap, rec.queue_id, si))
+					c->oom = true;
+			} else if (rec.type != RECORD_PAD) {
+				sg->keep = true;
+			}
 			continue;
 		}
 		bad++;
@@ -743,14 +828,207 @@ static void recover_segment(struct spool *sp, int dirfd, const char *name)
 			break;
 	}
 	munmap((void *)map, len);
-	sp->recovered += messages;
+	sg->st_end = c->nstrecs;
+	if (bad)
+		sg->keep = true;
 	sp->recovered_bad += bad;
-	if (!messages && !bad && !sp->cfg.discard) {
-		/* an empty segment: nothing to keep */
-		unlinkat(dirfd, name, 0);
-	} else if (sp->cfg.discard) {
-		unlinkat(dirfd, name, 0);
+}
+
+static int rec_seg_cmp(const void *a, const void *b)
+{
+	const struct rec_seg *x = a, *y = b;
+	if (x->seq != y->seq)
+		return x->seq < y->seq ? -1 : 1;
+	if (x->dir != y->dir)
+		return x->dir < y->dir ? -1 : 1;
+	return strcmp(x->name, y->name);
+}
+
+static int rec_ref_cmp(const void *a, const void *b)
+{
+	const struct rec_ref *x = a, *y = b;
+	if (x->id != y->id)
+		return x->id < y->id ? -1 : 1;
+	return x->seg < y->seg ? -1 : x->seg > y->seg;
+}
+
+/* First index of id in the id-sorted refs, or n. */
+static size_t ref_find(const struct rec_ref *v, size_t n, uint64_t id)
+{
+	size_t lo = 0, hi = n;
+	while (lo < hi) {
+		size_t mid = lo + (hi - lo) / 2;
+		if (v[mid].id < id)
+			lo = mid + 1;
+		else
+			hi = mid;
 	}
+	return lo < n && v[lo].id == id ? lo : n;
+}
+
+/*
+ * Whether the state records of segment si allow removing it: each names only
+ * messages in si itself or in segments for which ok(seg) holds, or (with
+ * every segment read) no message at all.
+ */
+static bool states_allow(const struct rec_ctx *c, const struct rec_ref *byid, uint32_t si,
+			 bool gone_only)
+{
+	const struct rec_seg *sg = &c->segs[si];
+	for (size_t k = sg->st_first; k < sg->st_end; k++) {
+		size_t i = ref_find(byid, c->nmsgs, c->strecs[k].id);
+		if (i == c->nmsgs) {
+			if (c->incomplete)
+				return false;
+			continue;
+		}
+		for (; i < c->nmsgs && byid[i].id == c->strecs[k].id; i++) {
+			const struct rec_seg *t = &c->segs[byid[i].seg];
+			if (byid[i].seg == si)
+				continue;
+			if (gone_only ? !t->gone : !t->removable)
+				return false;
+		}
+	}
+	return true;
+}
+
+/* Removes the segments whose messages are all final; returns how many. */
+static unsigned remove_final_segments(struct rec_ctx *c)
+{
+	bool any = false, with_states = false;
+	for (size_t i = 0; i < c->nsegs; i++) {
+		struct rec_seg *sg = &c->segs[i];
+		sg->removable = sg->scanned && !sg->gone && !sg->keep && !sg->live;
+		any |= sg->removable;
+		with_states |= sg->removable && sg->st_end > sg->st_first;
+	}
+	if (!any)
+		return 0;
+	struct rec_ref *byid = NULL;
+	if (with_states) {
+		byid = malloc((c->nmsgs ? c->nmsgs : 1) * sizeof(*byid));
+		if (!byid)
+			return 0; /* keeping segments is always safe */
+		memcpy(byid, c->msgs, c->nmsgs * sizeof(*byid));
+		qsort(byid, c->nmsgs, sizeof(*byid), rec_ref_cmp);
+		/* the largest set whose state records only name messages within it */
+		for (bool changed = true; changed;) {
+			changed = false;
+			for (uint32_t i = 0; i < c->nsegs; i++) {
+				if (c->segs[i].removable && !states_allow(c, byid, i, false)) {
+					c->segs[i].removable = false;
+					changed = true;
+				}
+			}
+		}
+	}
+	/* in rounds: a segment goes once the messages its state records name are gone */
+	unsigned removed = 0;
+	bool *dirty = calloc(c->ndirs ? c->ndirs : 1, sizeof(*dirty));
+	for (bool progress = true; progress;) {
+		progress = false;
+		size_t before = removed;
+		for (uint32_t i = 0; i < c->nsegs; i++) {
+			struct rec_seg *sg = &c->segs[i];
+			if (!sg->removable || sg->gone)
+				continue;
+			if (byid && !states_allow(c, byid, i, true))
+				continue;
+			if (unlinkat(c->dirfds[sg->dir], sg->name, 0) < 0) {
+				log_warn("spool: cannot remove segment %s: %s", sg->name,
+					 strerror(errno));
+				sg->removable = false;
+				continue;
+			}
+			sg->gone = true;
+			removed++;
+			if (dirty)
+				dirty[sg->dir] = true;
+		}
+		if (removed == before)
+			break;
+		progress = true;
+		/* this round's unlinks are durable before the next round's */
+		for (unsigned d = 0; d < c->ndirs; d++) {
+			if (!dirty || dirty[d]) {
+				int r = fsync_dir(c->dirfds[d]);
+				if (r < 0)
+					log_warn("spool: cannot sync a worker directory: %s",
+						 strerror(-r));
+				if (dirty)
+					dirty[d] = false;
+			}
+		}
+		if (!byid)
+			break; /* no state records: one round removes them all */
+	}
+	free(dirty);
+	free(byid);
+	return removed;
+}
+
+static void rec_ctx_free(struct rec_ctx *c)
+{
+	for (unsigned i = 0; i < c->ndirs; i++)
+		close(c->dirfds[i]);
+	free(c->dirfds);
+	for (size_t i = 0; i < c->nsegs; i++)
+		free(c->segs[i].name);
+	free(c->segs);
+	free(c->msgs);
+	free(c->strecs);
+	state_table_free(&c->states);
+}
+
+/* Adds the segment names of the worker directory dfd. -errno on out of memory. */
+static int list_worker_segments(struct rec_ctx *c, int dfd)
+{
+	int *fds = realloc(c->dirfds, (c->ndirs + 1) * sizeof(*fds));
+	if (!fds) {
+		close(dfd);
+		return -ENOMEM;
+	}
+	c->dirfds = fds;
+	unsigned di = c->ndirs;
+	int lfd = dup(dfd);
+	DIR *wd = lfd < 0 ? NULL : fdopendir(lfd);
+	if (!wd) {
+		if (lfd >= 0)
+			close(lfd);
+		close(dfd);
+		return 0;
+	}
+	c->dirfds[c->ndirs++] = dfd;
+	struct dirent *se;
+	int r = 0;
+	while ((se = readdir(wd))) {
+		if (strncmp(se->d_name, "seg-", 4) || !strstr(se->d_name, ".log"))
+			continue;
+		if (c->nsegs == c->segcap) {
+			size_t cap = c->segcap ? c->segcap * 2 : 16;
+			struct rec_seg *v = realloc(c->segs, cap * sizeof(*v));
+			if (!v) {
+				r = -ENOMEM;
+				break;
+			}
+			c->segs = v;
+			c->segcap = cap;
+		}
+		struct rec_seg *sg = &c->segs[c->nsegs];
+		*sg = (struct rec_seg){.dir = di, .name = strdup(se->d_name)};
+		if (!sg->name) {
+			r = -ENOMEM;
+			break;
+		}
+		char *end;
+		errno = 0;
+		unsigned long long seq = strtoull(se->d_name + 4, &end, 16);
+		sg->seq = end != se->d_name + 4 && !errno && !strcmp(end, ".log") ? seq : UINT64_MAX;
+		c->nsegs++;
+	}
+	closedir(wd);
+	return r;
 }
 
 static int recover(struct spool *sp)
@@ -759,9 +1037,10 @@ static int recover(struct spool *sp)
 	DIR *d = opendir(sp->dir);
 	if (!d)
 		return -errno;
+	struct rec_ctx c = {0};
 	struct dirent *de;
-	unsigned segments = 0;
-	while ((de = readdir(d))) {
+	int r = 0;
+	while (r == 0 && (de = readdir(d))) {
 		if (de->d_name[0] != 'w')
 			continue;
 		char path[4400];
@@ -769,29 +1048,64 @@ static int recover(struct spool *sp)
 		int dfd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 		if (dfd < 0)
 			continue;
-		DIR *wd = fdopendir(dfd);
-		if (!wd) {
-			close(dfd);
-			continue;
-		}
-		struct dirent *se;
-		while ((se = readdir(wd))) {
-			if (strncmp(se->d_name, "seg-", 4) || !strstr(se->d_name, ".log"))
-				continue;
-			recover_segment(sp, dirfd(wd), se->d_name);
-			segments++;
-		}
-		closedir(wd);
+		r = list_worker_segments(&c, dfd);
 	}
 	closedir(d);
+	if (r < 0) {
+		rec_ctx_free(&c);
+		return r;
+	}
+	if (c.nsegs > 1)
+		qsort(c.segs, c.nsegs, sizeof(*c.segs), rec_seg_cmp);
+	for (uint32_t i = 0; i < c.nsegs && !c.oom; i++)
+		recover_segment(sp, &c, i);
+	if (c.oom) {
+		rec_ctx_free(&c);
+		return -ENOMEM;
+	}
+	unsigned segments = (unsigned)c.nsegs;
+
+	/* each message's current state */
+	state_table_finish(&c.states);
+	uint64_t queued = 0, held = 0;
+	for (size_t i = 0; i < c.nmsgs; i++) {
+		enum spool_state st =
+		    c.states.n ? state_table_lookup(&c.states, c.msgs[i].id) : SPOOL_STATE_QUEUED;
+		if (spool_state_final(st))
+			continue;
+		if (st == SPOOL_STATE_HELD)
+			held++;
+		else
+			queued++;
+		c.segs[c.msgs[i].seg].live = true;
+	}
+
+	unsigned removed = 0;
+	if (sp->cfg.discard) {
+		/* every message is final once durable */
+		for (size_t i = 0; i < c.nsegs; i++)
+			if (c.segs[i].scanned && !c.segs[i].gone)
+				unlinkat(c.dirfds[c.segs[i].dir], c.segs[i].name, 0);
+		queued = held = 0;
+	} else {
+		removed = remove_final_segments(&c);
+	}
+	rec_ctx_free(&c);
+	sp->recovered = queued;
+	sp->recovered_held = held;
+
 	if (sp->next_seq % 4096)
 		sp->next_seq += 4096 - sp->next_seq % 4096; /* a clean start for this run's sequences */
+	char heldtext[48] = "";
+	if (held)
+		snprintf(heldtext, sizeof(heldtext), ", %" PRIu64 " held", held);
 	log_info("spool: %s: recovered %" PRIu64 " queued messages from %u segments in %" PRIu64
-		 " ms%s",
-		 sp->dir, sp->cfg.discard ? 0 : sp->recovered, segments, clock_ms() - t0,
+		 " ms%s%s",
+		 sp->dir, queued, segments, clock_ms() - t0, heldtext,
 		 sp->recovered_bad ? " (damaged records skipped: see above)" : "");
-	if (sp->cfg.discard)
-		sp->recovered = 0;
+	if (removed)
+		log_info("spool: %s: removed %u segments whose messages are all final", sp->dir,
+			 removed);
 	return 0;
 }
 
@@ -875,6 +1189,7 @@ void spool_stats(const struct spool *sp, struct spool_stats *out)
 {
 	memset(out, 0, sizeof(*out));
 	out->recovered = sp->recovered;
+	out->recovered_held = sp->recovered_held;
 	out->recovered_bad = sp->recovered_bad;
 	for (unsigned i = 0; i < sp->nworkers; i++) {
 		const struct spool_stats *s = &sp->workers[i].stats;
@@ -884,6 +1199,11 @@ void spool_stats(const struct spool *sp, struct spool_stats *out)
 		out->writes += s->writes;
 		out->syncs += s->syncs;
 	}
+}
+
+uint64_t spool_held(const struct spool *sp)
+{
+	return sp->recovered_held;
 }
 
 uint64_t spool_queued(const struct spool *sp)

@@ -64,7 +64,8 @@ struct spool_worker;
 struct spool_txn;
 
 struct spool_stats {
-	uint64_t recovered;     /* messages found queued at start-up */
+	uint64_t recovered;      /* messages found queued at start-up (not held, not final) */
+	uint64_t recovered_held; /* messages found on hold at start-up */
 	uint64_t recovered_bad; /* damaged records skipped at start-up */
 	uint64_t committed;     /* messages made durable since start */
 	uint64_t failed;        /* transactions whose write or sync failed */
@@ -119,7 +120,10 @@ void spool_id_format(uint64_t id, char *buf);
 /* Counters summed over the workers (after the engine stopped). */
 void spool_stats(const struct spool *sp, struct spool_stats *out);
 
-/* Messages queued (recovered + committed, not final), summed over workers. */
+/* Messages queued (recovered + committed, neither held nor final), summed over workers. */
 uint64_t spool_queued(const struct spool *sp);
+
+/* Messages on hold (found at start-up; nothing holds a message while the daemon runs yet). */
+uint64_t spool_held(const struct spool *sp);
 
 #endif

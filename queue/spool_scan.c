@@ -19,6 +19,7 @@
 
 #include "core/log.h"
 #include "queue/record.h"
+#include "queue/state.h"
 
 struct seg {
 	char *path;
@@ -173,46 +174,63 @@ static int seg_map(const struct seg *s, const uint8_t **map_r, size_t *len_r, ch
 	return 0;
 }
 
-/* Calls each for the messages of one mapped segment. 0, or each's non-zero value. */
-static int seg_scan(const struct seg *s, const uint8_t *map, size_t len,
-                    int (*each)(void *arg, const struct spool_scan_item *it), void *arg)
+struct found {
+	uint64_t queue_id;
+	uint64_t offset;
+	size_t length;
+	size_t seg;
+};
+
+/* Every segment's mapping and every message found, until the report is done. */
+struct scan {
+	const uint8_t **maps;
+	size_t *lens;
+	struct found *v;
+	size_t n, cap;
+	struct state_table states;
+	bool oom;
+};
+
+static void found_add(struct scan *sc, size_t seg, const struct record *rec)
+{
+	if (sc->n == sc->cap) {
+		size_t cap = sc->cap ? sc->cap * 2 : 256;
+		struct found *v = realloc(sc->v, cap * sizeof(*v));
+		if (!v) {
+			sc->oom = true;
+			return;
+		}
+		sc->v = v;
+		sc->cap = cap;
+	}
+	sc->v[sc->n++] = (struct found){rec->queue_id, rec->offset, rec->length, seg};
+}
+
+/* Reads the records of one mapped segment: keeps its messages and state records. */
+static void seg_read(struct scan *sc, size_t si, const struct seg *s, const uint8_t *map,
+                     size_t len)
 {
 	struct segment_header sh;
 	if (segment_header_decode(map, len, &sh) < 0) {
 		log_warn("spool: %s: not a segment (bad header); skipped", s->path);
-		return 0;
+		return;
 	}
 	struct record_reader rr;
 	record_reader_init(&rr, SEGMENT_HEADER_SIZE);
-	for (;;) {
+	while (!sc->oom) {
 		struct record rec;
 		int r = record_next(&rr, map, len, &rec);
 		if (r == 0)
-			return 0;
+			return;
 		if (r == 1) {
-			if (rec.type != RECORD_MESSAGE)
-				continue;
-			struct spool_message m;
-			char why[256];
-			int d =
-			    spool_envelope_decode(rec.payload, rec.length, &m, why, sizeof(why));
-			if (d < 0) {
-				log_warn("spool: %s: message %016" PRIX64 " at offset %" PRIu64
-				         ": %s; skipped",
-				         s->path, rec.queue_id, rec.offset, why);
-				continue;
+			if (rec.type == RECORD_MESSAGE) {
+				found_add(sc, si, &rec);
+			} else if (rec.type == RECORD_STATE) {
+				enum spool_state st;
+				if (state_payload_decode(rec.payload, rec.length, &st, NULL) == 0 &&
+				    state_table_add(&sc->states, rec.queue_id, st) < 0)
+					sc->oom = true;
 			}
-			struct spool_scan_item it = {
-			    .queue_id = rec.queue_id,
-			    .segment = s->path,
-			    .offset = rec.offset,
-			    .length = rec.length,
-			    .msg = &m,
-			};
-			int stop = each(arg, &it);
-			spool_message_free(&m);
-			if (stop)
-				return stop;
 			continue;
 		}
 		uint64_t at = rec.offset;
@@ -225,25 +243,78 @@ static int seg_scan(const struct seg *s, const uint8_t *map, size_t len,
 			if (!(s->newest && why == RECORD_E_TORN))
 				log_warn("spool: %s: %s at offset %" PRIu64 "; the rest skipped",
 				         s->path, record_error_str(why), at);
-			return 0;
+			return;
 		}
 	}
+}
+
+/* Calls each for every message neither final nor unreadable. 0, or each's non-zero value. */
+static int report(struct scan *sc, const struct seg_list *l,
+                  int (*each)(void *arg, const struct spool_scan_item *it), void *arg)
+{
+	for (size_t i = 0; i < sc->n; i++) {
+		const struct found *f = &sc->v[i];
+		enum spool_state st = state_table_lookup(&sc->states, f->queue_id);
+		if (spool_state_final(st))
+			continue;
+		const struct seg *s = &l->v[f->seg];
+		const uint8_t *payload = sc->maps[f->seg] + f->offset + RECORD_HEADER_SIZE;
+		struct spool_message m;
+		char why[256];
+		if (spool_envelope_decode(payload, f->length, &m, why, sizeof(why)) < 0) {
+			log_warn("spool: %s: message %016" PRIX64 " at offset %" PRIu64
+			         ": %s; skipped",
+			         s->path, f->queue_id, f->offset, why);
+			continue;
+		}
+		struct spool_scan_item it = {
+		    .queue_id = f->queue_id,
+		    .segment = s->path,
+		    .offset = f->offset,
+		    .length = f->length,
+		    .msg = &m,
+		    .state = st,
+		};
+		int stop = each(arg, &it);
+		spool_message_free(&m);
+		if (stop)
+			return stop;
+	}
+	return 0;
 }
 
 int spool_scan(const char *spool_dir, int (*each)(void *arg, const struct spool_scan_item *it),
                void *arg, char *err, size_t errlen)
 {
 	struct seg_list l = {0};
+	struct scan sc = {0};
 	int r = list_segments(spool_dir, &l, err, errlen);
-	for (size_t i = 0; r == 0 && i < l.n; i++) {
-		const uint8_t *map;
-		size_t len;
-		r = seg_map(&l.v[i], &map, &len, err, errlen);
-		if (r < 0 || !map)
-			continue;
-		r = seg_scan(&l.v[i], map, len, each, arg);
-		munmap((void *)map, len);
+	if (r == 0 && l.n) {
+		sc.maps = calloc(l.n, sizeof(*sc.maps));
+		sc.lens = calloc(l.n, sizeof(*sc.lens));
+		if (!sc.maps || !sc.lens)
+			sc.oom = true;
 	}
+	for (size_t i = 0; r == 0 && !sc.oom && i < l.n; i++) {
+		r = seg_map(&l.v[i], &sc.maps[i], &sc.lens[i], err, errlen);
+		if (r == 0 && sc.maps[i])
+			seg_read(&sc, i, &l.v[i], sc.maps[i], sc.lens[i]);
+	}
+	if (r == 0 && sc.oom) {
+		snprintf(err, errlen, "out of memory");
+		r = -ENOMEM;
+	}
+	if (r == 0) {
+		state_table_finish(&sc.states);
+		r = report(&sc, &l, each, arg);
+	}
+	for (size_t i = 0; sc.maps && i < l.n; i++)
+		if (sc.maps[i])
+			munmap((void *)sc.maps[i], sc.lens[i]);
+	free(sc.maps);
+	free(sc.lens);
+	free(sc.v);
+	state_table_free(&sc.states);
 	seg_list_free(&l);
 	return r;
 }

@@ -13,8 +13,14 @@
  * daemon's write in progress and is passed over silently. A record with a good
  * checksum whose envelope does not decode is logged and skipped too.
  *
- * Limits: records other than RECORD_MESSAGE (state records, when they come)
- * are not interpreted yet: every message on disk is reported. If the daemon
+ * State records (queue/state.h) are applied as recovery applies them: the
+ * last one for an id, in (segment, offset) order, wins. Messages whose state is
+ * final (deleted, delivered, bounced) are not reported; the others come with
+ * their state (queued or held). All segments are read before the first
+ * message is reported, so memory grows with the number of messages (a few
+ * dozen octets each), and each stays mapped until spool_scan returns.
+ *
+ * Limits: if the daemon
  * truncates a failed write off a segment while it is mapped here, touching the
  * cut pages raises SIGBUS (the window is one failed write on a full or broken
  * disk).
@@ -28,6 +34,7 @@
 #include <stdint.h>
 
 #include "queue/envelope.h"
+#include "queue/state.h"
 
 struct spool_scan_item {
 	uint64_t queue_id;
@@ -35,11 +42,12 @@ struct spool_scan_item {
 	uint64_t offset;                 /* of the record's header within the segment */
 	size_t length;                   /* payload octets; on disk: record_encoded_size(length) */
 	const struct spool_message *msg; /* decoded payload */
+	enum spool_state state;          /* SPOOL_STATE_QUEUED or SPOOL_STATE_HELD */
 };
 
 /*
- * Calls each(arg, it) for every valid message of the spool at spool_dir, in
- * (segment, offset) order. The item, its strings and the message body point
+ * Calls each(arg, it) for every valid message of the spool at spool_dir that
+ * is not final, in (segment, offset) order. The item, its strings and the message body point
  * into a mapping that is gone when each returns: copy what must outlive it.
  * each returns 0 to go on; anything else stops the scan, and spool_scan then
  * returns that value (use positive values: they cannot clash with -errno).

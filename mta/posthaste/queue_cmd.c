@@ -10,6 +10,9 @@
  */
 #include "mta/posthaste/queue_cmd.h"
 
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
 #include <inttypes.h>
 #include <stdbool.h>
@@ -17,13 +20,19 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "core/compiler.h"
 #include "mta/posthaste/config.h"
 #include "mta/smtp/smtp_server.h"
 #include "queue/spool.h"
+#include "queue/record.h"
 #include "queue/spool_scan.h"
+#include "queue/state.h"
 
 /* Columns of the list: id, size, arrival, then sender (and recipients below it). */
 #define COL_ID     16
@@ -37,10 +46,13 @@ static void usage(FILE *f)
 {
 	fputs("usage: posthaste queue list [--json] [--spool DIR | --config FILE]\n"
 	      "       posthaste queue show ID [--spool DIR | --config FILE]\n"
-	      "       posthaste queue hold|release|delete|flush ID   (not implemented yet)\n"
+	      "       posthaste queue hold|release|delete ID...|ALL [--spool DIR | --config FILE]\n"
+	      "       posthaste queue flush ID   (not implemented yet)\n"
 	      "Reads the spool (the daemon may be running): list prints one entry per queued\n"
-	      "message, as mailq does (--json: one JSON object per line, as postqueue -j);\n"
-	      "show prints a message's envelope, then its text exactly as stored.\n"
+	      "message, as mailq does ('!' after the id: on hold; --json: one JSON object per\n"
+	      "line, as postqueue -j); show prints a message's envelope, then its text exactly\n"
+	      "as stored. hold, release and delete change the spool of a stopped daemon only\n"
+	      "(ALL: every message they apply to).\n"
 	      "The spool is --spool DIR, else the spool_dir of --config FILE, else the default.\n",
 	      f);
 }
@@ -177,9 +189,10 @@ static int list_one(void *arg, const struct spool_scan_item *it)
 
 	if (st->json) {
 		fprintf(f,
-		        "{\"queue_name\":\"active\",\"queue_id\":\"%s\",\"arrival_time\":%" PRIu64
+		        "{\"queue_name\":\"%s\",\"queue_id\":\"%s\",\"arrival_time\":%" PRIu64
 		        ",\"message_size\":%zu,\"sender\":",
-		        id, m->received_ms / 1000, m->body_len);
+		        it->state == SPOOL_STATE_HELD ? "hold" : "active", id,
+		        m->received_ms / 1000, m->body_len);
 		put_json(f, m->sender, m->sender_len);
 		fputs(",\"recipients\":[", f);
 		for (uint32_t i = 0; i < m->nrcpts; i++) {
@@ -203,7 +216,9 @@ static int list_one(void *arg, const struct spool_scan_item *it)
 		        COL_TIME, "----Arrival Time----", "-Sender/Recipient-------");
 	char when[64];
 	format_time(m->received_ms / 1000, false, when, sizeof(when));
-	fprintf(f, "%-*s %*zu %-*s ", COL_ID, id, COL_SIZE, m->body_len, COL_TIME, when);
+	/* as mailq: '!' right after the id marks a message on hold */
+	fprintf(f, "%-*s%c%*zu %-*s ", COL_ID, id, it->state == SPOOL_STATE_HELD ? '!' : ' ',
+	        COL_SIZE, m->body_len, COL_TIME, when);
 	if (m->sender_len)
 		put_text(f, m->sender, m->sender_len);
 	else
@@ -390,6 +405,272 @@ static int cmd_show(const char *spool, const char *idtext)
 	return 0;
 }
 
+/* ---- hold, release, delete ---- */
+
+struct ctl_msg {
+	uint64_t id;
+	enum spool_state state;
+};
+
+struct ctl_list {
+	struct ctl_msg *v;
+	size_t n, cap;
+};
+
+static int collect_one(void *arg, const struct spool_scan_item *it)
+{
+	struct ctl_list *l = arg;
+	if (l->n == l->cap) {
+		size_t cap = l->cap ? l->cap * 2 : 256;
+		struct ctl_msg *v = realloc(l->v, cap * sizeof(*v));
+		if (!v)
+			return -ENOMEM;
+		l->v = v;
+		l->cap = cap;
+	}
+	l->v[l->n++] = (struct ctl_msg){it->queue_id, it->state};
+	return 0;
+}
+
+static int ctl_cmp(const void *a, const void *b)
+{
+	const struct ctl_msg *x = a, *y = b;
+	return x->id < y->id ? -1 : x->id > y->id;
+}
+
+/* Takes the spool's lock as the daemon does. The fd, or -1 after saying why (*status set). */
+static int ctl_lock(const char *spool, const char *verb, int *status)
+{
+	char path[4200];
+	snprintf(path, sizeof(path), "%s/lock", spool);
+	int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+	if (fd < 0) {
+		fprintf(stderr, "posthaste queue %s: cannot open %s: %s\n", verb, path,
+		        strerror(errno));
+		*status = 1;
+		return -1;
+	}
+	if (flock(fd, LOCK_EX | LOCK_NB) < 0) {
+		int e = errno;
+		if (e != EWOULDBLOCK) {
+			fprintf(stderr, "posthaste queue %s: cannot lock %s: %s\n", verb, path,
+			        strerror(e));
+			close(fd);
+			*status = 1;
+			return -1;
+		}
+		char pid[32] = "";
+		ssize_t n = pread(fd, pid, sizeof(pid) - 1, 0);
+		pid[n > 0 ? n : 0] = '\0';
+		pid[strcspn(pid, "\n")] = '\0';
+		fprintf(
+		    stderr,
+		    "posthaste queue %s: the daemon is running (pid %s); stop it first "
+		    "\xe2\x80\x94 "
+		    "changing a live queue needs its control socket, which comes with delivery\n",
+		    verb, pid[0] ? pid : "unknown");
+		close(fd);
+		*status = 2;
+		return -1;
+	}
+	char pid[32];
+	int n = snprintf(pid, sizeof(pid), "%ld\n", (long)getpid());
+	if (ftruncate(fd, 0) < 0 || pwrite(fd, pid, (size_t)n, 0) != n) {
+		/* only informative, as in the daemon */
+	}
+	return fd;
+}
+
+/* The highest segment sequence in the spool's names, or -1 when it has none. */
+static int64_t ctl_max_seq(const char *spool)
+{
+	int64_t max = -1;
+	DIR *d = opendir(spool);
+	if (!d)
+		return -1;
+	struct dirent *de;
+	while ((de = readdir(d))) {
+		if (de->d_name[0] != 'w')
+			continue;
+		char path[4400];
+		snprintf(path, sizeof(path), "%s/%s", spool, de->d_name);
+		DIR *wd = opendir(path);
+		if (!wd)
+			continue;
+		struct dirent *se;
+		while ((se = readdir(wd))) {
+			if (strncmp(se->d_name, "seg-", 4))
+				continue;
+			char *end;
+			errno = 0;
+			unsigned long long seq = strtoull(se->d_name + 4, &end, 16);
+			if (end != se->d_name + 4 && !errno && !strcmp(end, ".log") &&
+			    seq < (unsigned long long)INT64_MAX && (int64_t)seq > max)
+				max = (int64_t)seq;
+		}
+		closedir(wd);
+	}
+	closedir(d);
+	return max;
+}
+
+/*
+ * Appends the n state records to a new segment of SPOOL/w0 named above every
+ * existing one: written, synced, and its name synced. 0 or -errno (err says).
+ */
+static int ctl_write(const char *spool, const struct ctl_msg *recs, size_t n, char *err,
+                     size_t errlen)
+{
+	char wdir[4200];
+	snprintf(wdir, sizeof(wdir), "%s/w0", spool);
+	if (mkdir(wdir, 0700) < 0 && errno != EEXIST) {
+		int e = errno;
+		snprintf(err, errlen, "cannot create %s: %s", wdir, strerror(e));
+		return -e;
+	}
+	int dfd = open(wdir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (dfd < 0) {
+		int e = errno;
+		snprintf(err, errlen, "cannot open %s: %s", wdir, strerror(e));
+		return -e;
+	}
+	uint64_t seq = (uint64_t)(ctl_max_seq(spool) + 1);
+	size_t rec_size = record_encoded_size(STATE_PAYLOAD_SIZE);
+	size_t len = SEGMENT_HEADER_SIZE + n * rec_size;
+	uint8_t *buf = calloc(1, len);
+	if (!buf) {
+		close(dfd);
+		snprintf(err, errlen, "out of memory");
+		return -ENOMEM;
+	}
+	segment_header_encode(buf, 0, seq, (uint64_t)time(NULL));
+	for (size_t i = 0; i < n; i++) {
+		uint8_t *p = buf + SEGMENT_HEADER_SIZE + i * rec_size;
+		state_payload_encode(p + RECORD_HEADER_SIZE, recs[i].state, 0);
+		struct iovec iov = {p + RECORD_HEADER_SIZE, STATE_PAYLOAD_SIZE};
+		record_header_encode(p, RECORD_STATE, 0, recs[i].id, &iov, 1);
+	}
+	char name[64];
+	snprintf(name, sizeof(name), "seg-%016" PRIx64 ".log", seq);
+	int r = 0;
+	int fd = openat(dfd, name, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+	if (fd < 0) {
+		r = -errno;
+		snprintf(err, errlen, "cannot create %s/%s: %s", wdir, name, strerror(-r));
+	} else {
+		ssize_t w = pwrite(fd, buf, len, 0);
+		if (w != (ssize_t)len || fdatasync(fd) < 0) {
+			r = w < 0 || w == (ssize_t)len ? -errno : -ENOSPC;
+			if (!r)
+				r = -EIO;
+			snprintf(err, errlen, "cannot write %s/%s: %s", wdir, name, strerror(-r));
+			unlinkat(dfd, name, 0);
+		}
+		close(fd);
+		if (r == 0 && fsync(dfd) < 0) {
+			r = -errno;
+			snprintf(err, errlen, "cannot sync %s: %s", wdir, strerror(-r));
+		}
+	}
+	free(buf);
+	close(dfd);
+	return r;
+}
+
+static const char *ctl_done_word(const char *verb)
+{
+	return !strcmp(verb, "hold") ? "held" : !strcmp(verb, "release") ? "released" : "deleted";
+}
+
+/* Whether verb applies to a message in state st; else why not. */
+static const char *ctl_refusal(const char *verb, enum spool_state st)
+{
+	if (!strcmp(verb, "hold"))
+		return st == SPOOL_STATE_QUEUED ? NULL : "is on hold already";
+	if (!strcmp(verb, "release"))
+		return st == SPOOL_STATE_HELD ? NULL : "is not on hold";
+	return NULL; /* delete: queued or held, the only states listed */
+}
+
+static int cmd_control(const char *spool, const char *verb, char **args, int nargs)
+{
+	int status = 0;
+	int lockfd = ctl_lock(spool, verb, &status);
+	if (lockfd < 0)
+		return status;
+	struct ctl_list l = {0};
+	struct ctl_msg *recs = NULL;
+	size_t nrecs = 0;
+	char err[8960]; /* room for paths */
+	int r = spool_scan(spool, collect_one, &l, err, sizeof(err));
+	if (r != 0) {
+		fprintf(stderr, "posthaste queue %s: %s\n", verb,
+		        r == -ENOMEM ? "out of memory" : err);
+		status = 1;
+		goto out;
+	}
+	if (l.n > 1)
+		qsort(l.v, l.n, sizeof(*l.v), ctl_cmp);
+	enum spool_state to = !strcmp(verb, "hold")      ? SPOOL_STATE_HELD
+	                      : !strcmp(verb, "release") ? SPOOL_STATE_RELEASED
+	                                                 : SPOOL_STATE_DELETED;
+	size_t cap = l.n + (size_t)nargs;
+	recs = malloc((cap ? cap : 1) * sizeof(*recs));
+	if (!recs) {
+		fprintf(stderr, "posthaste queue %s: out of memory\n", verb);
+		status = 1;
+		goto out;
+	}
+	for (int a = 0; a < nargs; a++) {
+		if (!strcmp(args[a], "ALL")) {
+			for (size_t i = 0; i < l.n; i++) {
+				if (spool_state_final(l.v[i].state) ||
+				    ctl_refusal(verb, l.v[i].state))
+					continue;
+				recs[nrecs++] = (struct ctl_msg){l.v[i].id, to};
+				l.v[i].state = to == SPOOL_STATE_RELEASED ? SPOOL_STATE_QUEUED : to;
+				if (nrecs == cap)
+					break;
+			}
+			continue;
+		}
+		struct ctl_msg key, *m = NULL;
+		if (parse_id(args[a], &key.id))
+			m = bsearch(&key, l.v, l.n, sizeof(*l.v), ctl_cmp);
+		if (!m || spool_state_final(m->state)) {
+			fprintf(stderr, "posthaste queue %s: no message %s in the queue\n", verb,
+			        args[a]);
+			status = 1;
+			continue;
+		}
+		const char *why = ctl_refusal(verb, m->state);
+		if (why) {
+			fprintf(stderr, "posthaste queue %s: %s %s\n", verb, args[a], why);
+			status = 1;
+			continue;
+		}
+		if (nrecs == cap)
+			break;
+		recs[nrecs++] = (struct ctl_msg){m->id, to};
+		m->state = to == SPOOL_STATE_RELEASED ? SPOOL_STATE_QUEUED : to;
+	}
+	if (nrecs) {
+		r = ctl_write(spool, recs, nrecs, err, sizeof(err));
+		if (r < 0) {
+			fprintf(stderr, "posthaste queue %s: %s; nothing changed\n", verb, err);
+			status = 1;
+			goto out;
+		}
+	}
+	printf("posthaste queue %s: %s %zu message%s\n", verb, ctl_done_word(verb), nrecs,
+	       nrecs == 1 ? "" : "s");
+out:
+	free(recs);
+	free(l.v);
+	close(lockfd); /* releases the lock */
+	return status;
+}
+
 /* ---- dispatch ---- */
 
 static bool is_control_verb(const char *v)
@@ -463,7 +744,9 @@ int ph_queue_main(int argc, char **argv)
 	}
 	int nargs = argc - 1 - optind;
 	char **args = argv + 1 + optind;
-	if ((list && nargs != 0) || (!list && nargs != 1) || (json && !list)) {
+	bool multi = control && strcmp(verb, "flush") != 0; /* hold, release, delete */
+	if ((list && nargs != 0) || (!list && !multi && nargs != 1) || (multi && nargs < 1) ||
+	    (json && !list)) {
 		if (json && !list)
 			fprintf(stderr, "posthaste queue %s: --json goes with list only\n", verb);
 		else if (list)
@@ -475,7 +758,7 @@ int ph_queue_main(int argc, char **argv)
 		usage(stderr);
 		return 2;
 	}
-	if (control) {
+	if (control && !multi) {
 		fprintf(stderr,
 		        "posthaste queue %s: not implemented yet (needs the running daemon's "
 		        "control socket; coming with delivery)\n",
@@ -499,7 +782,9 @@ int ph_queue_main(int argc, char **argv)
 	}
 	if (!spool)
 		spool = cfg->spool_dir;
-	int status = list ? cmd_list(spool, json) : cmd_show(spool, args[0]);
+	int status = list   ? cmd_list(spool, json)
+	             : show ? cmd_show(spool, args[0])
+	                    : cmd_control(spool, verb, args, nargs);
 	free(cfg);
 	return finish(status);
 }

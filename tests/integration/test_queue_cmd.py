@@ -29,6 +29,10 @@ POSTHASTE = os.path.join(phtest.BUILD_DIR, "mta", "posthaste", "posthaste")
 QUEUED_RE = re.compile(r"queued as ([0-9A-F]{16})\b")
 NOT_IMPLEMENTED = ("not implemented yet (needs the running daemon's control socket; "
                    "coming with delivery)")
+DAEMON_RUNNING = ("posthaste queue %s: the daemon is running (pid %d); stop it first \u2014 "
+                  "changing a live queue needs its control socket, which comes with delivery")
+RECOVERED_RE = re.compile(r"recovered (\d+) queued messages from (\d+) segments in (\d+) ms"
+                          r"(?:, (\d+) held)?")
 RUN_TIMEOUT = 60.0
 
 
@@ -330,12 +334,117 @@ def test_unknown_id_and_control_verbs(daemon, tmp_path):
         _, out, err = queue("show", bad, "--spool", spool, check=1)
         assert out == b""
         assert "no message %s in the queue" % bad in err
-    for verb in ("hold", "release", "delete", "flush"):
+    _, out, err = queue("flush", qid, "--spool", spool, check=2)
+    assert err.strip() == "posthaste queue flush: %s" % NOT_IMPLEMENTED
+    for verb in ("hold", "release", "delete"):  # offline only: the daemon runs
         _, out, err = queue(verb, qid, "--spool", spool, check=2)
-        assert err.strip() == "posthaste queue %s: %s" % (verb, NOT_IMPLEMENTED)
+        assert err.strip() == DAEMON_RUNNING % (verb, d.proc.pid)
     # the message is still there, untouched
     check_stored(b"Subject: one\r\n\r\nx\r\n", show_body(spool, qid)[1])
     d.stop()
+
+
+def recovered(d):
+    """(queued, held) from the daemon's recovery line."""
+    m = RECOVERED_RE.search(d.log())
+    assert m, "no recovery line in the log:\n" + d.log()
+    return int(m.group(1)), int(m.group(4) or 0)
+
+
+def segment_files(spool):
+    return sorted(str(p) for p in spool.glob("w*/seg-*.log"))
+
+
+def listed(spool):
+    """{queue id: held?} from `queue list`, and the JSON queue names."""
+    _, out, err = queue("list", "--spool", spool, check=0)
+    assert err == ""
+    ids = {}
+    for ln in out.decode("utf-8").splitlines():
+        m = re.match(r"([0-9A-F]{16})([ !])", ln)
+        if m:
+            ids[m.group(1)] = m.group(2) == "!"
+    objs = json_lines(queue("list", "--json", "--spool", spool, check=0)[1])
+    names = {o["queue_id"]: o["queue_name"] for o in objs}
+    assert set(names) == set(ids)
+    for qid, held in ids.items():
+        assert names[qid] == ("hold" if held else "active"), (qid, names)
+    return ids
+
+
+def test_hold_release_delete_offline(daemon, tmp_path):
+    spool = tmp_path / "spool"
+    d = daemon(spool)
+    ids = [send(d.port, "a@example.org", ["r%d@example.com" % i],
+                b"Subject: %d\r\n\r\nx\r\n" % i) for i in range(5)]
+    d.stop()
+    first_segments = segment_files(spool)
+    assert first_segments
+
+    _, out, err = queue("hold", ids[0], "--spool", spool, check=0)
+    assert err == "" and b"held 1 message" in out
+    _, out, err = queue("delete", ids[1].lower(), "--spool", spool, check=0)
+    assert err == "" and b"deleted 1 message" in out
+    # operations that make no sense are refused, per id, and change nothing
+    _, _, err = queue("hold", ids[0], ids[2], "--spool", spool, check=1)
+    assert "posthaste queue hold: %s is on hold already" % ids[0] in err
+    _, _, err = queue("release", ids[3], "--spool", spool, check=1)
+    assert "posthaste queue release: %s is not on hold" % ids[3] in err
+    _, _, err = queue("delete", ids[1], "--spool", spool, check=1)
+    assert "no message %s in the queue" % ids[1] in err
+    # ids[2] was held by the first of those (valid), so release it again
+    queue("release", ids[2], "--spool", spool, check=0)
+
+    shown = listed(spool)
+    assert shown == {ids[0]: True, ids[2]: False, ids[3]: False, ids[4]: False}
+    _, _, err = queue("show", ids[1], "--spool", spool, check=1)
+    assert "no message %s in the queue" % ids[1] in err
+
+    d = daemon(spool)
+    assert recovered(d) == (3, 1), d.log()
+    assert re.search(r"recovered 3 queued messages from \d+ segments in \d+ ms, 1 held", d.log())
+    d.stop()
+    assert listed(spool) == shown
+
+    queue("release", ids[0], "--spool", spool, check=0)
+    assert listed(spool) == {ids[0]: False, ids[2]: False, ids[3]: False, ids[4]: False}
+    d = daemon(spool)
+    assert recovered(d) == (4, 0), d.log()
+    assert ", 0 held" not in d.log() and " held" not in d.log().split("recovered", 1)[1]
+    d.stop()
+
+    queue("hold", ids[3], "--spool", spool, check=0)
+    _, out, err = queue("delete", "ALL", "--spool", spool, check=0)
+    assert err == "" and b"deleted 4 messages" in out
+    assert listed(spool) == {}
+    _, out, _ = queue("list", "--spool", spool, check=0)
+    assert out == b"Mail queue is empty\n"
+    d = daemon(spool)
+    assert recovered(d) == (0, 0), d.log()
+    d.stop()
+    for path in first_segments:
+        assert not os.path.exists(path), (path, segment_files(spool))
+    assert segment_files(spool) == []  # the state segments went with their messages
+
+
+def test_control_refused_while_running_and_unknown_ids(daemon, tmp_path):
+    spool = tmp_path / "spool"
+    d = daemon(spool)
+    qid = send(d.port, "a@example.org", ["b@example.com"], b"Subject: x\r\n\r\nx\r\n")
+    _, out, err = queue("hold", qid, "--spool", spool, check=2)
+    assert out == b""
+    assert err.strip() == DAEMON_RUNNING % ("hold", d.proc.pid)
+    d.stop()
+    before = segment_files(spool)
+    missing = "%016X" % (int(qid, 16) ^ 1)
+    for bad in (missing, "nothex"):
+        _, _, err = queue("hold", bad, "--spool", spool, check=1)
+        assert "posthaste queue hold: no message %s in the queue" % bad in err
+    assert segment_files(spool) == before  # nothing to write: no new segment
+    # a good id beside a bad one: the good one is done, the exit says one failed
+    _, out, err = queue("hold", missing, qid, "--spool", spool, check=1)
+    assert b"held 1 message" in out
+    assert listed(spool) == {qid: True}
 
 
 @pytest.mark.parametrize("args", [

@@ -20,8 +20,13 @@
 
 #include <cmocka.h>
 
+#include <dirent.h>
+#include <sys/uio.h>
+
 #include "net/net.h"
+#include "queue/record.h"
 #include "queue/spool.h"
+#include "queue/state.h"
 
 struct scenario {
 	struct spool *sp;
@@ -301,6 +306,188 @@ static void test_id_format(void **state)
 	assert_string_equal(buf, "0000000000000000");
 }
 
+/* ---- state records ---- */
+
+static int seg_filter(const struct dirent *de)
+{
+	return !strncmp(de->d_name, "seg-", 4);
+}
+
+/* The segment names of dir/w0, sorted; returns how many (names freed by the caller). */
+static int list_segs(const char *dir, struct dirent ***names)
+{
+	char w0[512];
+	snprintf(w0, sizeof(w0), "%s/w0", dir);
+	int n = scandir(w0, names, seg_filter, alphasort);
+	assert_true(n >= 0);
+	return n;
+}
+
+static void free_names(struct dirent **names, int n)
+{
+	for (int i = 0; i < n; i++)
+		free(names[i]);
+	free(names);
+}
+
+static bool seg_exists(const char *dir, uint64_t seq)
+{
+	char path[600];
+	snprintf(path, sizeof(path), "%s/w0/seg-%016llx.log", dir, (unsigned long long)seq);
+	return access(path, F_OK) == 0;
+}
+
+/* The message ids of the segment dir/w0/seg-SEQ.log, in order; returns how many. */
+static size_t segment_ids(const char *dir, uint64_t seq, uint64_t *ids, size_t max)
+{
+	char path[600];
+	snprintf(path, sizeof(path), "%s/w0/seg-%016llx.log", dir, (unsigned long long)seq);
+	FILE *f = fopen(path, "rb");
+	assert_non_null(f);
+	static uint8_t buf[4 << 20];
+	size_t len = fread(buf, 1, sizeof(buf), f);
+	fclose(f);
+	struct record_reader rr;
+	record_reader_init(&rr, SEGMENT_HEADER_SIZE);
+	struct record rec;
+	size_t n = 0;
+	while (record_next(&rr, buf, len, &rec) == 1)
+		if (rec.type == RECORD_MESSAGE && n < max)
+			ids[n++] = rec.queue_id;
+	return n;
+}
+
+/* The highest segment sequence in dir/w0 (the one run() just wrote). */
+static uint64_t newest_seq(const char *dir)
+{
+	struct dirent **names;
+	int n = list_segs(dir, &names);
+	assert_true(n > 0);
+	uint64_t seq = strtoull(names[n - 1]->d_name + 4, NULL, 16);
+	free_names(names, n);
+	return seq;
+}
+
+/* Writes dir/w0/seg-SEQ.log holding one state record per (ids[i], states[i]). */
+static void write_states(const char *dir, uint64_t seq, const uint64_t *ids,
+			 const enum spool_state *states, size_t n)
+{
+	char path[600];
+	snprintf(path, sizeof(path), "%s/w0/seg-%016llx.log", dir, (unsigned long long)seq);
+	FILE *f = fopen(path, "wbx");
+	assert_non_null(f);
+	uint8_t hdr[SEGMENT_HEADER_SIZE];
+	segment_header_encode(hdr, 0, seq, 0);
+	assert_int_equal(fwrite(hdr, 1, sizeof(hdr), f), sizeof(hdr));
+	for (size_t i = 0; i < n; i++) {
+		uint8_t rh[RECORD_HEADER_SIZE], payload[STATE_PAYLOAD_SIZE];
+		state_payload_encode(payload, states[i], 0);
+		struct iovec iov = {payload, sizeof(payload)};
+		size_t pad = record_header_encode(rh, RECORD_STATE, 0, ids[i], &iov, 1);
+		assert_int_equal(pad, 0);
+		assert_int_equal(fwrite(rh, 1, sizeof(rh), f), sizeof(rh));
+		assert_int_equal(fwrite(payload, 1, sizeof(payload), f), sizeof(payload));
+	}
+	assert_int_equal(fclose(f), 0);
+}
+
+/* (queued, held) as recovery counts them. */
+static uint64_t recovered_held(const char *dir, uint64_t *held)
+{
+	char err[512];
+	struct spool *sp = open_spool(dir, err, sizeof(err));
+	assert_non_null(sp);
+	struct spool_stats st;
+	spool_stats(sp, &st);
+	*held = st.recovered_held;
+	assert_int_equal(spool_held(sp), st.recovered_held);
+	assert_int_equal(spool_queued(sp), st.recovered);
+	spool_close(&sp);
+	return st.recovered;
+}
+
+/* Held, deleted, released, later states winning, an unknown id: counted right, nothing lost. */
+static void test_state_records_recovery(void **state)
+{
+	(void)state;
+	struct scenario s = {.messages = 10, .body_size = 100};
+	make_dir(&s);
+	run(&s);
+	uint64_t mseq = newest_seq(s.dir);
+	uint64_t id[10];
+	assert_int_equal(segment_ids(s.dir, mseq, id, 10), 10);
+	uint64_t a_ids[] = {id[0], id[1], id[2], id[3], id[3], 0x1234, id[4]};
+	enum spool_state a_st[] = {SPOOL_STATE_HELD,    SPOOL_STATE_DELETED, SPOOL_STATE_HELD,
+				   SPOOL_STATE_HELD,    SPOOL_STATE_DELETED, SPOOL_STATE_DELETED,
+				   SPOOL_STATE_DELETED};
+	write_states(s.dir, mseq + 100, a_ids, a_st, 7);
+	/* a later segment: id2 released (the later record wins), id5 delivered */
+	uint64_t b_ids[] = {id[2], id[5]};
+	enum spool_state b_st[] = {SPOOL_STATE_RELEASED, SPOOL_STATE_DELIVERED};
+	write_states(s.dir, mseq + 101, b_ids, b_st, 2);
+	uint64_t held = 0;
+	/* final: id1, id3, id4, id5; held: id0; queued: 2, 6, 7, 8, 9 */
+	assert_int_equal(recovered_held(s.dir, &held), 5);
+	assert_int_equal(held, 1);
+	/* the messages' segment has live messages: every segment stays */
+	assert_true(seg_exists(s.dir, mseq));
+	assert_true(seg_exists(s.dir, mseq + 100));
+	assert_true(seg_exists(s.dir, mseq + 101));
+	assert_int_equal(recovered_held(s.dir, &held), 5);
+	assert_int_equal(held, 1);
+	remove_dir(s.dir);
+}
+
+/* A segment whose messages are all final goes at start-up, with the state-only segments that
+   only name its messages; one naming a live message elsewhere stays. */
+static void test_state_records_remove_final_segments(void **state)
+{
+	(void)state;
+	struct scenario s = {.messages = 5, .body_size = 100};
+	make_dir(&s);
+	run(&s);
+	uint64_t seq_a = newest_seq(s.dir);
+	uint64_t a[5];
+	assert_int_equal(segment_ids(s.dir, seq_a, a, 5), 5);
+	struct scenario s2 = {.messages = 3, .body_size = 100};
+	memcpy(s2.dir, s.dir, sizeof(s.dir));
+	run(&s2);
+	uint64_t seq_b = newest_seq(s.dir);
+	assert_true(seq_b > seq_a);
+	uint64_t b[3];
+	assert_int_equal(segment_ids(s.dir, seq_b, b, 3), 3);
+
+	enum spool_state del[5] = {SPOOL_STATE_DELETED, SPOOL_STATE_DELETED, SPOOL_STATE_DELETED,
+				   SPOOL_STATE_DELETED, SPOOL_STATE_DELETED};
+	uint64_t seq_d = seq_b + 10, seq_e = seq_b + 11;
+	write_states(s.dir, seq_d, a, del, 5); /* only deletes of A's messages */
+	uint64_t e_ids[] = {a[0], b[0]};
+	enum spool_state e_st[] = {SPOOL_STATE_DELETED, SPOOL_STATE_HELD};
+	write_states(s.dir, seq_e, e_ids, e_st, 2); /* names a live message of B */
+
+	uint64_t held = 0;
+	assert_int_equal(recovered_held(s.dir, &held), 2);
+	assert_int_equal(held, 1);
+	assert_false(seg_exists(s.dir, seq_a));
+	assert_false(seg_exists(s.dir, seq_d));
+	assert_true(seg_exists(s.dir, seq_b));
+	assert_true(seg_exists(s.dir, seq_e));
+	/* again: the same (E's delete of a[0] now names no message and is ignored) */
+	assert_int_equal(recovered_held(s.dir, &held), 2);
+	assert_int_equal(held, 1);
+
+	/* everything of B final: B, E and F all go */
+	uint64_t seq_f = seq_b + 12;
+	write_states(s.dir, seq_f, b, del, 3);
+	assert_int_equal(recovered_held(s.dir, &held), 0);
+	assert_int_equal(held, 0);
+	struct dirent **names;
+	int n = list_segs(s.dir, &names);
+	free_names(names, n);
+	assert_int_equal(n, 0);
+	remove_dir(s.dir);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -310,6 +497,8 @@ int main(void)
 		cmocka_unit_test(test_lock_refuses_second_open),
 		cmocka_unit_test(test_torn_tail_recovery),
 		cmocka_unit_test(test_id_format),
+		cmocka_unit_test(test_state_records_recovery),
+		cmocka_unit_test(test_state_records_remove_final_segments),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
