@@ -39,6 +39,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "tests", "integration"))
+import phtest  # noqa: E402
 import spool_reader  # noqa: E402
 
 NETNS_ENV = "PH_CRASH_NETNS"
@@ -52,19 +53,7 @@ def free_port():
 
 def stop(proc, sig=signal.SIGTERM, timeout=20.0):
     """Signals proc by PID, waits, SIGKILLs after timeout. Returns the exit status."""
-    if proc.poll() is None:
-        try:
-            os.kill(proc.pid, sig)
-        except ProcessLookupError:
-            pass
-    try:
-        return proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        try:
-            os.kill(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        return proc.wait(10)
+    return phtest.stop_process(proc, sig, timeout)
 
 
 class Fatal(Exception):

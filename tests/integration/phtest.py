@@ -227,6 +227,20 @@ class RssSampler:
 # --------------------------------------------------------------------------- processes
 
 
+def read_greeting(s, timeout=10.0):
+    """Reads the server's first reply line(s) from a fresh connection (bounded)."""
+    s.settimeout(timeout)
+    buf = b""
+    for _ in range(100):
+        d = s.recv(4096)
+        if not d:
+            break
+        buf += d
+        if buf.endswith(b"\n"):
+            break
+    return buf
+
+
 def stop_process(proc, sig=signal.SIGTERM, timeout=10.0):
     """terminate (by PID), wait with a timeout, then kill."""
     if proc.poll() is not None:
@@ -315,15 +329,7 @@ class Sink:
                              what="posthaste-bench sink (%s)" % " ".join(self.cmd))
         self.probes += 1
         try:
-            s.settimeout(10.0)
-            buf = b""
-            for _ in range(100):
-                d = s.recv(4096)
-                if not d:
-                    break
-                buf += d
-                if buf.endswith(b"\n"):
-                    break
+            buf = read_greeting(s)
             if buf.startswith(b"220"):
                 s.sendall(b"QUIT\r\n")
                 s.recv(4096)

@@ -84,15 +84,7 @@ class Daemon:
         except AssertionError as e:
             raise AssertionError("%s\nstderr:\n%s" % (e, self.log()))
         try:
-            s.settimeout(10.0)
-            buf = b""
-            for _ in range(100):
-                d = s.recv(4096)
-                if not d:
-                    break
-                buf += d
-                if buf.endswith(b"\n"):
-                    break
+            buf = phtest.read_greeting(s)
             assert buf.startswith(b"220"), "posthaste greeting: %r" % buf
             s.sendall(b"QUIT\r\n")
             s.recv(4096)
