@@ -155,7 +155,8 @@ int net_connect(struct net_worker *w, const struct sockaddr *sa, socklen_t salen
 
 struct net_io {
 	/* Runs on the worker thread: res is the octets written (short writes happen), 0 for a
-	   sync, or -errno (-ECANCELED for a sync whose linked write failed or was short). */
+	   sync, the revents of a poll, or -errno (-ECANCELED for a sync whose linked write
+	   failed or was short, or for a cancelled poll). */
 	void (*done)(struct net_io *io, int res);
 };
 
@@ -170,6 +171,27 @@ int net_file_writev(struct net_worker *w, int fd, const struct iovec *iov, unsig
 		    struct net_io *write_io, struct net_io *sync_io);
 /* Queues an fdatasync. Returns 0 or -errno. */
 int net_file_fdatasync(struct net_worker *w, int fd, struct net_io *io);
+
+/* ---- readiness of foreign descriptors (e.g. a DNS library's sockets) ---- */
+
+/*
+ * Queues a one-shot poll of fd for poll_events (POLLIN, POLLOUT, ...):
+ * io->done(io, revents) runs once when fd is ready, or with -errno
+ * (-ECANCELED after net_poll_cancel). io must stay valid until then; one
+ * io per armed poll. The poll holds a reference to the file: a descriptor
+ * that is closed while polled stays open in the kernel until its poll is
+ * cancelled (close does not end the poll). Polls still armed when the
+ * loop ends never complete. Returns 0, or -errno (-ESHUTDOWN after the
+ * loop ended, i.e. from the fini hook): then no callback runs.
+ */
+int net_poll_add(struct net_worker *w, int fd, unsigned poll_events, struct net_io *io);
+/*
+ * Cancels the armed poll of io: its done callback still runs exactly once,
+ * with -ECANCELED, or with the revents if it completed before the cancel
+ * took effect. Returns 0, or -ESHUTDOWN after the loop ended: then done
+ * never runs and io may be freed at once.
+ */
+int net_poll_cancel(struct net_worker *w, struct net_io *io);
 
 /* ---- connections ---- */
 
@@ -195,6 +217,17 @@ int net_sendv(struct net_conn *c, const struct iovec *iov, unsigned n);
  * until the connection closes (e.g. a bench message body shared by all).
  */
 int net_send_ref(struct net_conn *c, const void *data, size_t len);
+/*
+ * As net_send_ref, for memory the caller frees once the connection is done
+ * with it: release(arg) runs exactly once, on the worker thread, when the
+ * whole segment has been sent, or when the connection drops it (abort,
+ * close, send error; at the latest just before on_close). It never runs
+ * inside this call; on an error return it does not run at all and the
+ * caller still owns the memory. Returns as net_send_ref (also -EMSGSIZE
+ * for len above 4 GiB - 1). A zero len queues nothing and releases nothing.
+ */
+int net_send_ref_release(struct net_conn *c, const void *data, size_t len,
+			 void (*release)(void *arg), void *arg);
 /* Octets queued and not yet sent. */
 size_t net_conn_pending(const struct net_conn *c);
 

@@ -53,6 +53,7 @@ enum op {
 	OP_WAKE,
 	OP_IGNORE, /* cancels and other fire-and-forget requests */
 	OP_FILE,   /* file I/O: the low 56 bits are the struct net_io pointer */
+	OP_POLL,   /* a one-shot poll: the low 56 bits are the struct net_io pointer */
 };
 
 static inline uint64_t ud_pack(enum op op, uint32_t idx, uint32_t gen)
@@ -84,6 +85,8 @@ struct seg {
 	uint32_t len;    /* bytes left to send */
 	uint32_t fill;   /* owned: bytes written into data */
 	uint32_t cap;    /* owned: capacity of data; 0 for a reference */
+	void (*release)(void *arg); /* reference: called once when sent or dropped */
+	void *release_arg;
 	char data[];
 };
 
@@ -157,6 +160,7 @@ struct net_worker {
 	bool multishot_accept;
 	bool multishot_recv;
 	bool ring_ok;
+	bool loop_done; /* worker_loop returned: no completion is handled any more */
 	int init_err;
 	void *data;
 
@@ -336,6 +340,11 @@ static void buf_return(struct net_worker *w, unsigned bid)
 
 static void seg_free(struct net_worker *w, struct seg *s)
 {
+	if (s->release) {
+		void (*release)(void *) = s->release;
+		s->release = NULL;
+		release(s->release_arg);
+	}
 	if (s->cap == CHUNK_SIZE && w->chunk_pool_n < POOL_KEEP) {
 		s->next = w->chunk_pool;
 		w->chunk_pool = s;
@@ -367,6 +376,7 @@ static struct seg *seg_new_owned(struct net_worker *w, size_t need)
 	s->ptr = s->data;
 	s->len = 0;
 	s->fill = 0;
+	s->release = NULL;
 	return s;
 }
 
@@ -385,6 +395,7 @@ static struct seg *seg_new_ref(struct net_worker *w)
 	s->next = NULL;
 	s->cap = 0;
 	s->fill = 0;
+	s->release = NULL;
 	return s;
 }
 
@@ -399,14 +410,15 @@ static void out_append(struct net_conn *c, struct seg *s)
 
 static void out_clear(struct net_conn *c)
 {
+	/* detached first: a release callback may queue output (or fail to) */
 	struct seg *s = c->out_head;
+	c->out_head = c->out_tail = NULL;
+	c->pending = 0;
 	while (s) {
 		struct seg *n = s->next;
 		seg_free(c->w, s);
 		s = n;
 	}
-	c->out_head = c->out_tail = NULL;
-	c->pending = 0;
 }
 
 /* ---- connection slots ---- */
@@ -546,6 +558,7 @@ static void conn_finish(struct net_conn *c)
 	/* During on_close the connection takes no more output and is never re-listed. */
 	c->flags = CF_CLOSING | CF_ABORT | CF_DIRTY;
 	net_timer_stop(w, &c->timer);
+	out_clear(c); /* releases of unsent references run before on_close */
 	if (c->proto && c->proto->on_close)
 		c->proto->on_close(c, err);
 	conn_release(c);
@@ -760,16 +773,24 @@ int net_sendv(struct net_conn *c, const struct iovec *iov, unsigned n)
 
 int net_send_ref(struct net_conn *c, const void *data, size_t len)
 {
+	return net_send_ref_release(c, data, len, NULL, NULL);
+}
+
+int net_send_ref_release(struct net_conn *c, const void *data, size_t len,
+			 void (*release)(void *arg), void *arg)
+{
 	int r = send_check(c, len);
+	if (r == 0 && len > UINT32_MAX)
+		r = -EMSGSIZE;
 	if (r < 0 || !len)
 		return r;
-	if (len > UINT32_MAX)
-		return -EMSGSIZE;
 	struct seg *s = seg_new_ref(c->w);
 	if (!s)
 		return -ENOMEM;
 	s->ptr = data;
 	s->len = (uint32_t)len;
+	s->release = release;
+	s->release_arg = arg;
 	out_append(c, s);
 	send_queued(c, len);
 	return 0;
@@ -956,8 +977,8 @@ static void on_send_cqe(struct net_worker *w, uint64_t ud, const struct io_uring
 	if (cqe->res < 0) {
 		if (cqe->res == -EAGAIN || cqe->res == -EINTR)
 			return;
-		out_clear(c);
 		net_conn_abort(c, cqe->res);
+		out_clear(c);
 		return;
 	}
 	size_t n = (size_t)cqe->res;
@@ -1069,6 +1090,37 @@ int net_file_fdatasync(struct net_worker *w, int fd, struct net_io *io)
 	io_uring_prep_fsync(sqe, fd, IORING_FSYNC_DATASYNC);
 	io_uring_sqe_set_data64(sqe, ud_io(io));
 	w->file_inflight++;
+	return 0;
+}
+
+/* ---- polls ---- */
+
+static uint64_t ud_poll(struct net_io *io)
+{
+	return ((uint64_t)OP_POLL << 56) | (uint64_t)(uintptr_t)io;
+}
+
+int net_poll_add(struct net_worker *w, int fd, unsigned poll_events, struct net_io *io)
+{
+	if ((uintptr_t)io >> 56 || fd < 0)
+		return -EINVAL;
+	if (w->loop_done)
+		return -ESHUTDOWN;
+	struct io_uring_sqe *sqe = get_sqe(w);
+	io_uring_prep_poll_add(sqe, fd, poll_events);
+	io_uring_sqe_set_data64(sqe, ud_poll(io));
+	return 0;
+}
+
+int net_poll_cancel(struct net_worker *w, struct net_io *io)
+{
+	if ((uintptr_t)io >> 56)
+		return -EINVAL;
+	if (w->loop_done)
+		return -ESHUTDOWN; /* nothing completes any more: io is the caller's again */
+	struct io_uring_sqe *sqe = get_sqe(w);
+	io_uring_prep_poll_remove(sqe, ud_poll(io));
+	io_uring_sqe_set_data64(sqe, ud_pack(OP_IGNORE, 0, 0));
 	return 0;
 }
 
@@ -1320,6 +1372,11 @@ static void worker_loop(struct net_worker *w)
 				io->done(io, cqe->res);
 				break;
 			}
+			case OP_POLL: {
+				struct net_io *io = (struct net_io *)(uintptr_t)(ud & ((1ull << 56) - 1));
+				io->done(io, cqe->res);
+				break;
+			}
 			case OP_WAKE:
 				if (atomic_load(&w->e->stop))
 					worker_begin_stop(w);
@@ -1351,6 +1408,7 @@ static void *worker_main(void *arg)
 		net_engine_stop(e);
 	} else {
 		worker_loop(w);
+		w->loop_done = true;
 		if (e->hooks.fini)
 			e->hooks.fini(w, e->hooks.arg);
 	}

@@ -50,8 +50,23 @@ struct body_chunk {
 	char data[];
 };
 
+/* A segment file some worker reads from and, for its current one, writes to. */
+struct spool_seg {
+	struct spool_seg *next; /* the owner's list, oldest first */
+	int dirfd;              /* borrowed: the worker directory's */
+	int rfd;                /* read-only, opened on the first read; -1 */
+	uint64_t seq;
+	uint64_t live;  /* live entries in it */
+	bool writing;   /* the owner appends to it */
+	bool pinned;    /* its state records name messages outside the owner's segments */
+	char name[64];
+};
+
 struct spool_txn {
 	struct spool_worker *sw;
+	enum record_type type; /* MESSAGE, or STATE (a spool_entry_mark) */
+	uint8_t st[STATE_PAYLOAD_SIZE];
+	uint64_t off; /* the record's segment offset, once batched */
 	struct spool_txn *next; /* pending / batch list */
 	struct body_chunk *head, *tail;
 	uint64_t body_len;
@@ -91,7 +106,14 @@ struct spool_worker {
 	struct net_timer batch_timer;
 	struct net_timer space_timer;
 	bool low_space;
-	uint64_t queued;
+	struct spool_seg *segs_head, *segs_tail; /* owned segments, oldest first */
+	struct spool_seg *cur;                    /* the one being written */
+	struct spool_entry **htab;                /* live entries by id */
+	size_t hsize, hcount;
+	uint64_t nheld;
+	bool announced;
+	struct spool_hooks hooks;
+	void *hooks_arg;
 	struct spool_stats stats;
 } cache_aligned;
 
@@ -104,6 +126,8 @@ struct spool {
 	uint64_t next_seq; /* first free segment sequence, shared out at worker init */
 	uint64_t recovered, recovered_held, recovered_bad;
 	uint64_t max_id_ms; /* the newest id's millisecond found at start-up */
+	int *dirfds;        /* the worker directories recovery read (segments borrow them) */
+	unsigned ndirfds;
 };
 
 static const char zeros[8];
@@ -137,6 +161,128 @@ static uint64_t id_next(struct spool_worker *sw)
 	return (sw->id_ms << 20) | ((uint64_t)(sw->index & 0xff) << 12) | sw->id_counter++;
 }
 
+/* ---- the live index ---- */
+
+static size_t hslot(const struct spool_worker *sw, uint64_t id)
+{
+	uint64_t h = id * 0x9e3779b97f4a7c15ull;
+	return (size_t)(h ^ (h >> 29)) & (sw->hsize - 1);
+}
+
+static int entry_insert(struct spool_worker *sw, struct spool_entry *e)
+{
+	if (sw->hcount >= sw->hsize) {
+		size_t n = sw->hsize ? sw->hsize * 2 : 1024;
+		struct spool_entry **t = calloc(n, sizeof(*t));
+		if (!t)
+			return -ENOMEM;
+		struct spool_entry **old = sw->htab;
+		size_t on = sw->hsize;
+		sw->htab = t;
+		sw->hsize = n;
+		for (size_t i = 0; i < on; i++)
+			for (struct spool_entry *x = old[i], *nx; x; x = nx) {
+				nx = x->hnext;
+				size_t k = hslot(sw, x->id);
+				x->hnext = t[k];
+				t[k] = x;
+			}
+		free(old);
+	}
+	size_t k = hslot(sw, e->id);
+	e->hnext = sw->htab[k];
+	sw->htab[k] = e;
+	sw->hcount++;
+	e->seg->live++;
+	if (e->state == SPOOL_STATE_HELD)
+		sw->nheld++;
+	return 0;
+}
+
+struct spool_entry *spool_entry_find(struct spool_worker *sw, uint64_t id)
+{
+	if (!sw->hsize)
+		return NULL;
+	for (struct spool_entry *e = sw->htab[hslot(sw, id)]; e; e = e->hnext)
+		if (e->id == id)
+			return e;
+	return NULL;
+}
+
+uint64_t spool_worker_live(const struct spool_worker *sw)
+{
+	return sw->hcount;
+}
+
+static void seg_free(struct spool_seg *g)
+{
+	if (g->rfd >= 0)
+		close(g->rfd);
+	free(g);
+}
+
+/*
+ * Removes owned segments from the oldest on while nothing is live in them:
+ * in that order only, so that a removed segment's state records can only
+ * name messages in segments already removed (or in itself). A pinned one
+ * stops the walk; start-up recovery deals with it.
+ */
+static void segs_gc(struct spool_worker *sw)
+{
+	while (sw->segs_head && !sw->segs_head->live && !sw->segs_head->writing &&
+	       !sw->segs_head->pinned) {
+		struct spool_seg *g = sw->segs_head;
+		if (unlinkat(g->dirfd, g->name, 0) < 0 && errno != ENOENT) {
+			log_warn("spool: worker %u: cannot remove segment %s: %s", sw->index, g->name,
+				 strerror(errno));
+			g->pinned = true;
+			return;
+		}
+		sw->segs_head = g->next;
+		if (!sw->segs_head)
+			sw->segs_tail = NULL;
+		seg_free(g);
+	}
+}
+
+static void entry_remove(struct spool_worker *sw, struct spool_entry *e)
+{
+	struct spool_entry **pp = &sw->htab[hslot(sw, e->id)];
+	while (*pp && *pp != e)
+		pp = &(*pp)->hnext;
+	if (*pp) {
+		*pp = e->hnext;
+		sw->hcount--;
+		if (e->state == SPOOL_STATE_HELD)
+			sw->nheld--;
+	}
+	e->seg->live--;
+	free(e->rcpt_done);
+	free(e);
+	segs_gc(sw);
+}
+
+static struct spool_seg *seg_new(int dirfd, uint64_t seq, const char *name)
+{
+	struct spool_seg *g = calloc(1, sizeof(*g));
+	if (!g)
+		return NULL;
+	g->dirfd = dirfd;
+	g->rfd = -1;
+	g->seq = seq;
+	snprintf(g->name, sizeof(g->name), "%s", name);
+	return g;
+}
+
+static void seg_append(struct spool_worker *sw, struct spool_seg *g)
+{
+	if (sw->segs_tail)
+		sw->segs_tail->next = g;
+	else
+		sw->segs_head = g;
+	sw->segs_tail = g;
+}
+
 /* ---- files ---- */
 
 static int fsync_dir(int dirfd)
@@ -160,32 +306,33 @@ static int segment_open_new(struct spool_worker *sw)
 		return err;
 	}
 	int r = fsync_dir(sw->dirfd); /* the new name itself must survive a crash */
-	if (r < 0) {
+	struct spool_seg *g = r < 0 ? NULL : seg_new(sw->dirfd, sw->seq, name);
+	if (!g) {
 		close(fd);
-		return r;
+		return r < 0 ? r : -ENOMEM;
 	}
+	g->writing = true;
+	seg_append(sw, g);
+	if (sw->cur)
+		sw->cur->writing = false;
+	sw->cur = g;
 	if (sw->fd >= 0)
 		close(sw->fd);
 	sw->fd = fd;
 	sw->offset = SEGMENT_HEADER_SIZE;
+	segs_gc(sw);
 	return 0;
 }
 
 /* Past the segment size: the next batch goes to a new segment. */
 static int segment_rotate(struct spool_worker *sw)
 {
-	char name[64];
 	uint64_t old = sw->seq;
 	sw->seq += sw->sp->nworkers; /* sequences interleave across workers: never collide */
-	int r = segment_open_new(sw);
+	int r = segment_open_new(sw); /* the old one goes once nothing in it is live */
 	if (r < 0) {
 		sw->seq = old;
 		return r;
-	}
-	if (sw->sp->cfg.discard) {
-		/* every message in it is final already */
-		snprintf(name, sizeof(name), "seg-%016" PRIx64 ".log", old);
-		unlinkat(sw->dirfd, name, 0);
 	}
 	return 0;
 }
@@ -281,6 +428,15 @@ int spool_txn_append(struct spool_txn *t, const char *data, size_t len)
 	return 0;
 }
 
+unsigned spool_txn_body_iov(const struct spool_txn *t, struct iovec *iov, unsigned max)
+{
+	unsigned n = 0;
+	for (const struct body_chunk *c = t->head; c && n < max; c = c->next)
+		if (c->len)
+			iov[n++] = (struct iovec){(void *)c->data, c->len};
+	return n;
+}
+
 static void txn_free(struct spool_txn *t)
 {
 	for (struct body_chunk *c = t->head, *n; c; c = n) {
@@ -368,6 +524,12 @@ static unsigned txn_iov(struct spool_txn *t, struct iovec *iov)
 {
 	unsigned n = 0;
 	iov[n++] = (struct iovec){t->header, RECORD_HEADER_SIZE};
+	if (t->type == RECORD_STATE) {
+		iov[n++] = (struct iovec){t->st, sizeof(t->st)};
+		if (t->pad)
+			iov[n++] = (struct iovec){(void *)zeros, t->pad};
+		return n;
+	}
 	iov[n++] = (struct iovec){t->env, t->env_len};
 	for (struct body_chunk *c = t->head; c; c = c->next)
 		if (c->len)
@@ -375,6 +537,16 @@ static unsigned txn_iov(struct spool_txn *t, struct iovec *iov)
 	if (t->pad)
 		iov[n++] = (struct iovec){(void *)zeros, t->pad};
 	return n;
+}
+
+static void pending_push(struct spool_worker *sw, struct spool_txn *t)
+{
+	t->next = NULL;
+	if (sw->pending_tail)
+		sw->pending_tail->next = t;
+	else
+		sw->pending_head = t;
+	sw->pending_tail = t;
 }
 
 /* A transaction that cannot be sealed is answered at the end of the turn. */
@@ -389,6 +561,7 @@ void spool_txn_commit(struct spool_txn *t, const struct spool_envelope *env,
 		      void (*done)(void *arg, int res, uint64_t queue_id), void *arg)
 {
 	struct spool_worker *sw = t->sw;
+	t->type = RECORD_MESSAGE;
 	t->done = done;
 	t->arg = arg;
 	int r = envelope_encode(t, env);
@@ -426,12 +599,7 @@ void spool_txn_commit(struct spool_txn *t, const struct spool_envelope *env,
 		txn_fail_later(t, -EMSGSIZE);
 		return;
 	}
-	t->next = NULL;
-	if (sw->pending_tail)
-		sw->pending_tail->next = t;
-	else
-		sw->pending_head = t;
-	sw->pending_tail = t;
+	pending_push(sw, t);
 }
 
 /* ---- group commit ---- */
@@ -458,14 +626,36 @@ static void batch_finish(struct spool_worker *sw, int res)
 	}
 	while (t) {
 		struct spool_txn *n = t->next;
+		if (t->type == RECORD_STATE) {
+			/* lost with a failed write: the message is tried again after a restart */
+			if (res < 0)
+				sw->stats.failed_states++;
+			txn_free(t);
+			t = n;
+			continue;
+		}
+		struct spool_entry *e = NULL;
 		if (res == 0) {
 			sw->stats.committed++;
-			if (!sw->sp->cfg.discard)
-				sw->queued++;
+			if (!sw->sp->cfg.discard && (e = calloc(1, sizeof(*e)))) {
+				e->id = t->id;
+				e->seg = sw->cur;
+				e->off = t->off;
+				e->len = (uint32_t)(t->env_len + t->body_len);
+				if (entry_insert(sw, e) < 0) {
+					free(e);
+					e = NULL;
+				}
+			}
+			if (!e && !sw->sp->cfg.discard)
+				log_once(LOG_ERR, "spool: out of memory for the live queue: accepted "
+						  "messages wait for the next restart");
 		} else {
 			sw->stats.failed++;
 		}
 		t->done(t->arg, res, t->id);
+		if (e && sw->hooks.added)
+			sw->hooks.added(sw->hooks_arg, e);
 		txn_free(t);
 		t = n;
 	}
@@ -550,6 +740,7 @@ void spool_worker_turn_end(struct spool_worker *sw)
 			sw->iov_cap = cap;
 		}
 		unsigned k = txn_iov(t, sw->iov + n);
+		t->off = sw->offset + len;
 		for (unsigned i = 0; i < k; i++)
 			len += sw->iov[n + i].iov_len;
 		n += k;
@@ -572,6 +763,132 @@ void spool_worker_turn_end(struct spool_worker *sw)
 				sw->sync_wanted ? &sw->sync_io : NULL);
 	if (r < 0)
 		batch_finish(sw, r);
+}
+
+/* ---- the live queue's API ---- */
+
+void spool_worker_set_hooks(struct spool_worker *sw, const struct spool_hooks *h, void *arg)
+{
+	sw->hooks = *h;
+	sw->hooks_arg = arg;
+}
+
+static int entry_id_cmp(const void *a, const void *b)
+{
+	const struct spool_entry *x = *(struct spool_entry *const *)a;
+	const struct spool_entry *y = *(struct spool_entry *const *)b;
+	return x->id < y->id ? -1 : x->id > y->id;
+}
+
+void spool_worker_announce(struct spool_worker *sw)
+{
+	if (sw->announced || !sw->hooks.added)
+		return;
+	sw->announced = true;
+	size_t n = 0;
+	struct spool_entry **v = malloc((sw->hcount ? sw->hcount : 1) * sizeof(*v));
+	if (v) {
+		for (size_t i = 0; i < sw->hsize; i++)
+			for (struct spool_entry *e = sw->htab[i]; e; e = e->hnext)
+				v[n++] = e;
+		qsort(v, n, sizeof(*v), entry_id_cmp); /* oldest first */
+	}
+	for (size_t i = 0; i < n; i++)
+		sw->hooks.added(sw->hooks_arg, v[i]);
+	free(v);
+}
+
+int spool_entry_read(struct spool_worker *sw, const struct spool_entry *e, uint8_t **buf_r,
+		     size_t *len_r)
+{
+	struct spool_seg *g = e->seg;
+	if (g->rfd < 0) {
+		g->rfd = openat(g->dirfd, g->name, O_RDONLY | O_CLOEXEC);
+		if (g->rfd < 0) {
+			int err = -errno;
+			log_err("spool: worker %u: cannot open %s: %s", sw->index, g->name,
+				strerror(errno));
+			return err;
+		}
+	}
+	size_t total = record_encoded_size(e->len);
+	uint8_t *buf = malloc(total);
+	if (!buf)
+		return -ENOMEM;
+	size_t got = 0;
+	while (got < RECORD_HEADER_SIZE + (size_t)e->len) {
+		ssize_t r = pread(g->rfd, buf + got, RECORD_HEADER_SIZE + e->len - got,
+				  (off_t)(e->off + got));
+		if (r <= 0) {
+			int err = r < 0 ? -errno : -EIO;
+			if (r < 0 && errno == EINTR)
+				continue;
+			free(buf);
+			return err;
+		}
+		got += (size_t)r;
+	}
+	/* the reader wants the padding too: it is not checksummed, any octets do */
+	memset(buf + got, 0, total - got);
+	struct record_reader rr;
+	record_reader_init(&rr, 0);
+	struct record rec;
+	if (record_next(&rr, buf, total, &rec) != 1 || rec.type != RECORD_MESSAGE ||
+	    rec.queue_id != e->id || rec.length != e->len) {
+		char idb[17];
+		spool_id_format(e->id, idb);
+		log_err("spool: worker %u: message %s in %s at %" PRIu64 " is damaged", sw->index,
+			idb, g->name, e->off);
+		free(buf);
+		return -EBADMSG;
+	}
+	memmove(buf, buf + RECORD_HEADER_SIZE, e->len);
+	*buf_r = buf;
+	*len_r = e->len;
+	return 0;
+}
+
+int spool_entry_mark(struct spool_worker *sw, struct spool_entry *e, const struct state_rec *r)
+{
+	struct spool_txn *t = calloc(1, sizeof(*t));
+	if (!t)
+		return -ENOMEM;
+	t->sw = sw;
+	t->id = e->id;
+	t->type = RECORD_STATE;
+	state_payload_encode_rec(t->st, r);
+	struct iovec iv = {t->st, sizeof(t->st)};
+	t->pad = record_header_encode(t->header, RECORD_STATE, 0, e->id, &iv, 1);
+	t->niov = 2 + (t->pad ? 1 : 0);
+	pending_push(sw, t);
+	if (spool_state_final(r->state)) {
+		entry_remove(sw, e);
+		return 0;
+	}
+	bool was_held = e->state == SPOOL_STATE_HELD;
+	switch (r->state) {
+	case SPOOL_STATE_HELD:
+		e->state = SPOOL_STATE_HELD;
+		break;
+	case SPOOL_STATE_RELEASED:
+		e->state = SPOOL_STATE_QUEUED;
+		e->until_ms = 0;
+		break;
+	case SPOOL_STATE_DEFERRED:
+		e->state = SPOOL_STATE_DEFERRED;
+		e->until_ms = r->until_ms;
+		e->attempts = r->attempts;
+		break;
+	default:
+		break;
+	}
+	if (was_held != (e->state == SPOOL_STATE_HELD)) {
+		if (was_held)
+			sw->nheld--;
+		else
+			sw->nheld++;
+	}
+	return 0;
 }
 
 /* ---- workers ---- */
@@ -633,9 +950,26 @@ void spool_worker_fini(struct spool_worker *sw)
 		txn_free(t);
 	}
 	sw->failed = NULL;
+	/*
+	 * State records sealed after the last batch (deliveries that finished
+	 * during shutdown) are written here, synchronously, so that a clean stop
+	 * does not deliver them twice; messages never written were never
+	 * acknowledged.
+	 */
 	for (struct spool_txn *t = sw->pending_head, *n; t; t = n) {
 		n = t->next;
-		t->done(t->arg, -ESHUTDOWN, t->id);
+		if (t->type == RECORD_STATE) {
+			struct iovec iov[3];
+			unsigned k = txn_iov(t, iov);
+			size_t len = 0;
+			for (unsigned i = 0; i < k; i++)
+				len += iov[i].iov_len;
+			if (sw->fd >= 0 && !sw->batch &&
+			    pwritev(sw->fd, iov, (int)k, (off_t)sw->offset) == (ssize_t)len)
+				sw->offset += len;
+		} else {
+			t->done(t->arg, -ESHUTDOWN, t->id);
+		}
 		txn_free(t);
 	}
 	sw->pending_head = sw->pending_tail = NULL;
@@ -651,6 +985,25 @@ void spool_worker_fini(struct spool_worker *sw)
 		snprintf(name, sizeof(name), "seg-%016" PRIx64 ".log", sw->seq);
 		unlinkat(sw->dirfd, name, 0);
 	}
+	if (sw->cur) {
+		sw->cur->writing = false;
+		sw->cur = NULL;
+	}
+	segs_gc(sw);
+	for (size_t i = 0; i < sw->hsize; i++)
+		for (struct spool_entry *e = sw->htab[i], *n; e; e = n) {
+			n = e->hnext;
+			free(e->rcpt_done);
+			free(e);
+		}
+	free(sw->htab);
+	sw->htab = NULL;
+	sw->hsize = 0; /* hcount and nheld stay: what is still queued, for spool_queued */
+	for (struct spool_seg *g = sw->segs_head, *n; g; g = n) {
+		n = g->next;
+		seg_free(g);
+	}
+	sw->segs_head = sw->segs_tail = NULL;
 	close(sw->dirfd);
 	free(sw->iov);
 	sw->iov = NULL;
@@ -719,9 +1072,24 @@ struct rec_ref {
 	uint32_t seg;
 };
 
+struct rec_loc {
+	uint64_t off;
+	uint32_t len;
+};
+
+struct rec_done {
+	uint64_t id;
+	uint32_t rcpt;
+};
+
 struct rec_ctx {
 	int *dirfds;
+	unsigned *dirnum; /* N of each w<N> */
 	unsigned ndirs;
+	struct rec_loc *locs; /* parallel to msgs */
+	size_t loccap;
+	struct rec_done *dones; /* RCPT_DONE records */
+	size_t ndones, donecap;
 	struct rec_seg *segs;
 	size_t nsegs, segcap;
 	struct rec_ref *msgs; /* message records, in scan order */
@@ -805,15 +1173,39 @@ static void recover_segment(struct spool *sp, struct rec_ctx *c, uint32_t si)
 				sp->max_id_ms = rec.queue_id >> 20;
 			if (rec.type == RECORD_MESSAGE) {
 				sg->nmsgs++;
+				if (c->nmsgs == c->loccap) {
+					size_t cap = c->loccap ? c->loccap * 2 : 1024;
+					struct rec_loc *v = realloc(c->locs, cap * sizeof(*v));
+					if (!v) {
+						c->oom = true;
+						continue;
+					}
+					c->locs = v;
+					c->loccap = cap;
+				}
+				c->locs[c->nmsgs] = (struct rec_loc){rec.offset, (uint32_t)rec.length};
 				if (!ref_push(&c->msgs, &c->nmsgs, &c->msgcap, rec.queue_id, si))
 					c->oom = true;
 			} else if (rec.type == RECORD_STATE) {
-				enum spool_state s;
-				if (state_payload_decode(rec.payload, rec.length, &s, NULL) < 0) {
+				struct state_rec s;
+				if (state_payload_decode_rec(rec.payload, rec.length, &s) < 0) {
 					sg->keep = true; /* a newer writer's state: not ours to drop */
 					continue;
 				}
-				if (state_table_add(&c->states, rec.queue_id, s) < 0 ||
+				if (s.state == SPOOL_STATE_RCPT_DONE) {
+					if (c->ndones == c->donecap) {
+						size_t cap = c->donecap ? c->donecap * 2 : 256;
+						struct rec_done *v = realloc(c->dones, cap * sizeof(*v));
+						if (!v) {
+							c->oom = true;
+							continue;
+						}
+						c->dones = v;
+						c->donecap = cap;
+					}
+					c->dones[c->ndones++] = (struct rec_done){rec.queue_id, s.rcpt};
+				}
+				if (state_table_add_rec(&c->states, rec.queue_id, &s) < 0 ||
 				    !ref_push(&c->strecs, &c->nstrecs, &c->strcap, rec.queue_id, si))
 					c->oom = true;
 			} else if (rec.type != RECORD_PAD) {
@@ -971,8 +1363,12 @@ static unsigned remove_final_segments(struct rec_ctx *c)
 static void rec_ctx_free(struct rec_ctx *c)
 {
 	for (unsigned i = 0; i < c->ndirs; i++)
-		close(c->dirfds[i]);
+		if (c->dirfds[i] >= 0)
+			close(c->dirfds[i]);
 	free(c->dirfds);
+	free(c->dirnum);
+	free(c->locs);
+	free(c->dones);
 	for (size_t i = 0; i < c->nsegs; i++)
 		free(c->segs[i].name);
 	free(c->segs);
@@ -982,14 +1378,18 @@ static void rec_ctx_free(struct rec_ctx *c)
 }
 
 /* Adds the segment names of the worker directory dfd. -errno on out of memory. */
-static int list_worker_segments(struct rec_ctx *c, int dfd)
+static int list_worker_segments(struct rec_ctx *c, int dfd, unsigned num)
 {
 	int *fds = realloc(c->dirfds, (c->ndirs + 1) * sizeof(*fds));
-	if (!fds) {
+	if (fds)
+		c->dirfds = fds;
+	unsigned *nums = fds ? realloc(c->dirnum, (c->ndirs + 1) * sizeof(*nums)) : NULL;
+	if (!nums) {
 		close(dfd);
 		return -ENOMEM;
 	}
-	c->dirfds = fds;
+	c->dirnum = nums;
+	nums[c->ndirs] = num;
 	unsigned di = c->ndirs;
 	int lfd = dup(dfd);
 	DIR *wd = lfd < 0 ? NULL : fdopendir(lfd);
@@ -1031,6 +1431,119 @@ static int list_worker_segments(struct rec_ctx *c, int dfd)
 	return r;
 }
 
+static int done_cmp(const void *a, const void *b)
+{
+	const struct rec_done *x = a, *y = b;
+	if (x->id != y->id)
+		return x->id < y->id ? -1 : 1;
+	return x->rcpt < y->rcpt ? -1 : x->rcpt > y->rcpt;
+}
+
+/*
+ * Hands the surviving segments and the live messages to the workers that
+ * will own them (w<N> -> worker N mod nworkers), oldest segment first, so
+ * that each worker can remove its segments in order while it runs. A segment
+ * whose state records name a message in another worker's segments, in a
+ * segment kept for damage, or an unknown one while some segment could not be
+ * read, is pinned: only a later start-up removes it.
+ */
+static int build_live(struct spool *sp, struct rec_ctx *c)
+{
+	struct spool_seg **rs = calloc(c->nsegs ? c->nsegs : 1, sizeof(*rs));
+	unsigned *owner = calloc(c->nsegs ? c->nsegs : 1, sizeof(*owner));
+	struct rec_ref *byid = malloc((c->nmsgs ? c->nmsgs : 1) * sizeof(*byid));
+	int r = -ENOMEM;
+	if (!rs || !owner || !byid)
+		goto out;
+	for (size_t i = 0; i < c->nsegs; i++) {
+		struct rec_seg *sg = &c->segs[i];
+		if (!sg->scanned || sg->gone)
+			continue;
+		if (!(rs[i] = seg_new(c->dirfds[sg->dir], sg->seq, sg->name)))
+			goto out;
+		owner[i] = c->dirnum[sg->dir] % sp->nworkers;
+		rs[i]->pinned = sg->keep;
+		seg_append(&sp->workers[owner[i]], rs[i]);
+	}
+	/* the segments borrow the directories: the spool keeps them open */
+	int *fds = realloc(sp->dirfds, (sp->ndirfds + c->ndirs) * sizeof(*fds));
+	if (!fds)
+		goto out;
+	sp->dirfds = fds;
+	for (unsigned d = 0; d < c->ndirs; d++) {
+		sp->dirfds[sp->ndirfds++] = c->dirfds[d];
+		c->dirfds[d] = -1;
+	}
+	memcpy(byid, c->msgs, c->nmsgs * sizeof(*byid));
+	qsort(byid, c->nmsgs, sizeof(*byid), rec_ref_cmp);
+	for (size_t i = 0; i < c->nsegs; i++) {
+		if (!rs[i] || rs[i]->pinned)
+			continue;
+		const struct rec_seg *sg = &c->segs[i];
+		for (size_t k = sg->st_first; k < sg->st_end && !rs[i]->pinned; k++) {
+			size_t j = ref_find(byid, c->nmsgs, c->strecs[k].id);
+			if (j == c->nmsgs) {
+				rs[i]->pinned = c->incomplete;
+				continue;
+			}
+			for (; j < c->nmsgs && byid[j].id == c->strecs[k].id; j++) {
+				uint32_t ms = byid[j].seg;
+				if (!rs[ms] || owner[ms] != owner[i])
+					rs[i]->pinned = true;
+			}
+		}
+	}
+	for (size_t i = 0; i < c->nmsgs; i++) {
+		uint32_t si = c->msgs[i].seg;
+		const struct state_entry *st = c->states.n ? state_table_find(&c->states, c->msgs[i].id)
+							   : NULL;
+		enum spool_state s = st ? (enum spool_state)st->state : SPOOL_STATE_QUEUED;
+		if (spool_state_final(s) || !rs[si])
+			continue;
+		struct spool_entry *e = calloc(1, sizeof(*e));
+		if (!e)
+			goto out;
+		e->id = c->msgs[i].id;
+		e->seg = rs[si];
+		e->off = c->locs[i].off;
+		e->len = c->locs[i].len;
+		e->state = s == SPOOL_STATE_HELD       ? SPOOL_STATE_HELD
+			   : s == SPOOL_STATE_DEFERRED ? SPOOL_STATE_DEFERRED
+						       : SPOOL_STATE_QUEUED;
+		if (st && s == SPOOL_STATE_DEFERRED) {
+			e->until_ms = st->until_ms;
+			e->attempts = st->attempts;
+		}
+		if (entry_insert(&sp->workers[owner[si]], e) < 0) {
+			free(e);
+			goto out;
+		}
+	}
+	/* recipients settled before the restart */
+	if (c->ndones > 1)
+		qsort(c->dones, c->ndones, sizeof(*c->dones), done_cmp);
+	for (size_t i = 0; i < c->ndones;) {
+		size_t j = i;
+		while (j < c->ndones && c->dones[j].id == c->dones[i].id)
+			j++;
+		struct spool_entry *e = NULL;
+		for (unsigned w = 0; w < sp->nworkers && !e; w++)
+			e = spool_entry_find(&sp->workers[w], c->dones[i].id);
+		if (e && (e->rcpt_done = malloc((j - i) * sizeof(uint32_t)))) {
+			for (size_t k = i; k < j; k++)
+				if (k == i || c->dones[k].rcpt != c->dones[k - 1].rcpt)
+					e->rcpt_done[e->nrcpt_done++] = c->dones[k].rcpt;
+		}
+		i = j;
+	}
+	r = 0;
+out:
+	free(rs);
+	free(owner);
+	free(byid);
+	return r;
+}
+
 static int recover(struct spool *sp)
 {
 	uint64_t t0 = clock_ms();
@@ -1048,7 +1561,7 @@ static int recover(struct spool *sp)
 		int dfd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 		if (dfd < 0)
 			continue;
-		r = list_worker_segments(&c, dfd);
+		r = list_worker_segments(&c, dfd, (unsigned)strtoul(de->d_name + 1, NULL, 10));
 	}
 	closedir(d);
 	if (r < 0) {
@@ -1089,6 +1602,10 @@ static int recover(struct spool *sp)
 		queued = held = 0;
 	} else {
 		removed = remove_final_segments(&c);
+	}
+	if (!sp->cfg.discard && build_live(sp, &c) < 0) {
+		rec_ctx_free(&c);
+		return -ENOMEM;
 	}
 	rec_ctx_free(&c);
 	sp->recovered = queued;
@@ -1180,6 +1697,25 @@ void spool_close(struct spool **spp)
 		return;
 	if (sp->lockfd >= 0)
 		close(sp->lockfd);
+	for (unsigned i = 0; i < sp->nworkers; i++) {
+		struct spool_worker *sw = &sp->workers[i];
+		if (sw->sp)
+			continue; /* spool_worker_fini freed its own */
+		for (size_t k = 0; k < sw->hsize; k++)
+			for (struct spool_entry *e = sw->htab[k], *n; e; e = n) {
+				n = e->hnext;
+				free(e->rcpt_done);
+				free(e);
+			}
+		free(sw->htab);
+		for (struct spool_seg *g = sw->segs_head, *n; g; g = n) {
+			n = g->next;
+			seg_free(g);
+		}
+	}
+	for (unsigned i = 0; i < sp->ndirfds; i++)
+		close(sp->dirfds[i]);
+	free(sp->dirfds);
 	free(sp->workers);
 	free(sp);
 	*spp = NULL;
@@ -1203,13 +1739,16 @@ void spool_stats(const struct spool *sp, struct spool_stats *out)
 
 uint64_t spool_held(const struct spool *sp)
 {
-	return sp->recovered_held;
+	uint64_t n = 0;
+	for (unsigned i = 0; i < sp->nworkers; i++)
+		n += sp->workers[i].nheld;
+	return n;
 }
 
 uint64_t spool_queued(const struct spool *sp)
 {
-	uint64_t n = sp->recovered;
+	uint64_t n = 0;
 	for (unsigned i = 0; i < sp->nworkers; i++)
-		n += sp->workers[i].queued;
+		n += sp->workers[i].hcount - sp->workers[i].nheld;
 	return n;
 }

@@ -21,6 +21,7 @@
 #include <stdint.h>
 
 #include "net/net.h"
+#include "queue/state.h"
 
 enum spool_durability {
 	SPOOL_FSYNC = 0, /* done after fdatasync returned */
@@ -72,6 +73,7 @@ struct spool_stats {
 	uint64_t bytes;         /* octets written */
 	uint64_t writes;        /* writev calls */
 	uint64_t syncs;         /* fdatasync calls */
+	uint64_t failed_states; /* state records lost to a failed write */
 };
 
 /*
@@ -111,11 +113,72 @@ int spool_txn_append(struct spool_txn *t, const char *data, size_t len);
  */
 void spool_txn_commit(struct spool_txn *t, const struct spool_envelope *env,
 		      void (*done)(void *arg, int res, uint64_t queue_id), void *arg);
+/* The body octets so far as up to max iovecs (the first ones), for a look at the header. */
+unsigned spool_txn_body_iov(const struct spool_txn *t, struct iovec *iov, unsigned max);
 /* Drops an unsealed transaction. */
 void spool_txn_abort(struct spool_txn *t);
 
 /* Formats a queue id as 16 upper-case hex digits (buf: at least 17 octets). */
 void spool_id_format(uint64_t id, char *buf);
+
+/* ---- the live queue: messages neither final nor discarded ---- */
+
+struct spool_seg;
+
+/*
+ * One queued message as the delivery side sees it. The spool keeps one per
+ * message that is not final, on the worker that owns it: the worker that
+ * accepted it, or for a recovered message the worker its segment directory
+ * maps to (w<N>: N modulo the number of workers). Stable until the message is
+ * made final with spool_entry_mark (then freed by it) or the worker ends.
+ */
+struct spool_entry {
+	uint64_t id;
+	uint64_t until_ms; /* DEFERRED: unix ms of the next attempt */
+	uint16_t attempts; /* delivery attempts made so far */
+	uint8_t state;     /* SPOOL_STATE_QUEUED, HELD or DEFERRED */
+	uint32_t nrcpt_done;
+	uint32_t *rcpt_done; /* recovered RCPT_DONE indices (sorted); NULL when none */
+	void *owner;         /* the delivery side's pointer; the spool never touches it */
+	/* private */
+	struct spool_seg *seg;
+	uint64_t off; /* the record's header in its segment */
+	uint32_t len; /* payload octets */
+	struct spool_entry *hnext;
+};
+
+struct spool_hooks {
+	/*
+	 * A message joined this worker's live queue: committed (right after its
+	 * transaction's done callback) or recovered (from spool_worker_announce).
+	 */
+	void (*added)(void *arg, struct spool_entry *e);
+};
+
+/* Installs the worker's hooks (from the engine's worker init hook). */
+void spool_worker_set_hooks(struct spool_worker *sw, const struct spool_hooks *h, void *arg);
+/* Passes every recovered message the worker owns to hooks.added, once. */
+void spool_worker_announce(struct spool_worker *sw);
+/* The live entry with this id owned by the worker, or NULL. */
+struct spool_entry *spool_entry_find(struct spool_worker *sw, uint64_t id);
+/* Live messages the worker owns. */
+uint64_t spool_worker_live(const struct spool_worker *sw);
+/*
+ * Reads the message's record (checksum verified) into a malloc'd buffer:
+ * *buf_r holds the payload (envelope + body, queue/envelope.h), *len_r its
+ * length. 0, -EIO / -EBADMSG (damaged), -ENOMEM.
+ */
+int spool_entry_read(struct spool_worker *sw, const struct spool_entry *e, uint8_t **buf_r,
+		     size_t *len_r);
+/*
+ * Appends a state record for e with this turn's group commit (r->state one of
+ * HELD, RELEASED, DELETED, DELIVERED, BOUNCED, DEFERRED, RCPT_DONE) and
+ * updates e. A final state removes e from the live queue and frees it: e is
+ * gone when this returns. The record's durability follows the durability
+ * mode; a crash before it is on disk means the message is tried again
+ * (at-least-once). 0 or -ENOMEM (e unchanged).
+ */
+int spool_entry_mark(struct spool_worker *sw, struct spool_entry *e, const struct state_rec *r);
 
 /* Counters summed over the workers (after the engine stopped). */
 void spool_stats(const struct spool *sp, struct spool_stats *out);

@@ -3,6 +3,7 @@
 #include <arpa/inet.h>
 #include <limits.h>
 #include <stdarg.h>
+#include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 
@@ -21,6 +22,12 @@ enum ph_key_type {
 	PH_K_SIZE,     /* uint64_t octets in [min, max] */
 	PH_K_DURATION, /* uint64_t milliseconds in [min, max] */
 	PH_K_BOOL,
+	PH_K_RATE,     /* struct ph_rate; its period (per_ms) in [min, max] */
+	PH_K_RESOLVER, /* char[size]: IP:PORT list, normalised */
+	PH_K_HOSTS,    /* char[size]: host list (ph_hosts_parse), normalised */
+	PH_K_DOMAINS,  /* char[size]: domain list, normalised */
+	PH_K_ROUTES,   /* route.DOMAIN keys: routes[], nroutes */
+	PH_K_DESTS,    /* destination.DOMAIN keys: dests[], ndests */
 };
 
 struct ph_key {
@@ -49,14 +56,48 @@ static const struct ph_key ph_keys[] = {
     {"spool_reserve", PH_K_SIZE, FIELD(spool_reserve), 0, UINT64_MAX, "no reserve"},
     {"control_socket", PH_K_PATH, FIELD(control_socket), 0, 0, NULL},
     {"discard", PH_K_BOOL, FIELD(discard), 0, 0, NULL},
+    {"delivery", PH_K_BOOL, FIELD(delivery), 0, 0, NULL},
     {"log_level", PH_K_LOG_LEVEL, FIELD(log_level), 0, 0, NULL},
     {"max_queue_age", PH_K_DURATION, FIELD(max_queue_age_ms), 1000, 365 * DAY_MS, NULL},
+    /* delivery */
+    {"resolver", PH_K_RESOLVER, FIELD(resolver), 0, 0, "the system's resolv.conf"},
+    {"smarthost", PH_K_HOSTS, FIELD(smarthost), 0, 0, "none: deliver by MX"},
+    {"route", PH_K_ROUTES, FIELD(routes), 0, 0, NULL},
+    {"local_domains", PH_K_DOMAINS, FIELD(local_domains), 0, 0, "none"},
+    {"users_file", PH_K_PATH, FIELD(users_file), 0, 0, "none"},
+    {"mailbox_root", PH_K_PATH, FIELD(mailbox_root), 1, 0, NULL},
+    {"accounting_log", PH_K_PATH, FIELD(accounting_log), 1, 0, NULL},
+    {"retry_min", PH_K_DURATION, FIELD(retry_min_ms), 10, DAY_MS, NULL},
+    {"retry_max", PH_K_DURATION, FIELD(retry_max_ms), 10, 7 * DAY_MS, NULL},
+    {"connect_timeout", PH_K_DURATION, FIELD(connect_timeout_ms), 1, DAY_MS, NULL},
+    {"delivery_active_max", PH_K_UINT, FIELD(delivery_active_max), 1, 1000000, NULL},
+    /* the default limits: "delivery_" + a destination's limit names */
+    {"delivery_concurrency", PH_K_UINT, FIELD(limits.concurrency), 1, 10000, NULL},
+    {"delivery_rate", PH_K_RATE, FIELD(limits.msg_rate), 1, 365 * DAY_MS, NULL},
+    {"delivery_connection_rate", PH_K_RATE, FIELD(limits.conn_rate), 1, 365 * DAY_MS, NULL},
+    {"delivery_messages_per_connection", PH_K_UINT, FIELD(limits.msgs_per_conn), 1, 1000000, NULL},
+    {"delivery_idle_timeout", PH_K_DURATION, FIELD(limits.idle_timeout_ms), 1, DAY_MS, NULL},
+    {"destination", PH_K_DESTS, FIELD(dests), 0, 0, NULL},
 };
 
 /* Keys of features still to come: named, so that a file written for them fails clearly. */
 static const char *const ph_reserved[] = {
-    "route", "smarthost", "resolver", "local_domains", "mynetworks", "tls_cert", "tls_key",
+    "mynetworks",
+    "tls_cert",
+    "tls_key",
 };
+
+/* A destination's limits, in print order: each is the key "delivery_" + name. */
+static const char *const ph_limit_names[] = {
+    "concurrency", "rate", "connection_rate", "messages_per_connection", "idle_timeout",
+};
+
+#define PH_LIMIT_NAMES "concurrency, rate, connection_rate, messages_per_connection or idle_timeout"
+#define PH_DOMAIN_HINT "(letters, digits, '-' and '.')"
+#define PH_RATE_HINT                                                                               \
+	"(expected COUNT/UNIT such as 100/s or 5000/h, COUNT/DURATION such as 10/5s, or "          \
+	"unlimited)"
+#define DEFAULT_PORT 25
 
 static const char *const ph_durability_names[] = {"fsync", "batch", "none"};
 static const char *const ph_log_level_names[] = {"error", "warning", "info", "debug"};
@@ -80,8 +121,53 @@ void ph_config_default(struct ph_config *c)
 	c->data_timeout_ms = 180 * 1000;
 	c->spool_reserve = 256ull << 20;
 	c->discard = false;
+	c->delivery = true;
 	c->log_level = LOG_INFO;
 	c->max_queue_age_ms = 5 * DAY_MS;
+
+	/* delivery: every string and list empty (the memset), except: */
+	snprintf(c->mailbox_root, sizeof(c->mailbox_root), "./var/mail");
+	snprintf(c->accounting_log, sizeof(c->accounting_log), "./var/log/accounting.jsonl");
+	c->limits.concurrency = 20;
+	c->limits.msg_rate.count = 0; /* unlimited */
+	c->limits.msg_rate.per_ms = 0;
+	c->limits.conn_rate.count = 0;
+	c->limits.conn_rate.per_ms = 0;
+	c->limits.msgs_per_conn = 100;
+	c->limits.idle_timeout_ms = 5 * 1000;
+	c->retry_min_ms = 5 * 60 * 1000;
+	c->retry_max_ms = 3600 * 1000;
+	c->connect_timeout_ms = 30 * 1000;
+	c->delivery_active_max = 10000;
+}
+
+static const struct ph_key *ph_key_find(const char *name)
+{
+	for (size_t i = 0; i < ARRAY_SIZE(ph_keys); i++)
+		if (strcmp(ph_keys[i].name, name) == 0)
+			return &ph_keys[i];
+	panic("ph_config: no key %s", name);
+}
+
+/* The key of a destination's limit ph_limit_names[i]. */
+static const struct ph_key *ph_limit_key(size_t i)
+{
+	char name[64];
+
+	snprintf(name, sizeof(name), "delivery_%s", ph_limit_names[i]);
+	return ph_key_find(name);
+}
+
+/* Where the limit of key k (one of the delivery_* keys) is in l. */
+static void *ph_limit_field(struct ph_limits *l, const struct ph_key *k)
+{
+	return (char *)l + (k->off - offsetof(struct ph_config, limits));
+}
+
+static bool ph_is_limit_key(const struct ph_key *k)
+{
+	return k->off >= offsetof(struct ph_config, limits) &&
+	       k->off < offsetof(struct ph_config, limits) + sizeof(struct ph_limits);
 }
 
 /* ---- one value of each type: parse + range check (set), range check alone (check) ---- */
@@ -174,8 +260,9 @@ static int ph_hostname_check(const struct ph_key *k, const char *v, char *err, s
 	return 0;
 }
 
-/* Range check of a number; the value printed in the key's own units. */
-static int ph_range_check(const struct ph_key *k, uint64_t v, char *err, size_t errlen)
+/* Range check of a number; the value printed in the key's own units; name: the key as shown. */
+static int ph_range_check(const struct ph_key *k, const char *name, uint64_t v, char *err,
+                          size_t errlen)
 {
 	char a[32], lo[32], hi[32];
 
@@ -194,8 +281,406 @@ static int ph_range_check(const struct ph_key *k, uint64_t v, char *err, size_t 
 		snprintf(lo, sizeof(lo), "%llu", (unsigned long long)k->min);
 		snprintf(hi, sizeof(hi), "%llu", (unsigned long long)k->max);
 	}
-	config_err(err, errlen, "%s: %s is out of range (%s to %s)", k->name, a, lo, hi);
+	config_err(err, errlen, "%s: %s is out of range (%s to %s)", name, a, lo, hi);
 	return -1;
+}
+
+/* ---- delivery values: rates, domains, host lists ---- */
+
+static bool ph_blank(char ch)
+{
+	return ch == ' ' || ch == '\t';
+}
+
+static bool ph_alnum(char ch)
+{
+	return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9');
+}
+
+static char ph_lower(char ch)
+{
+	return (char)(ch >= 'A' && ch <= 'Z' ? ch - 'A' + 'a' : ch);
+}
+
+/* A domain or host name: dot-separated labels of 1-63 letters, digits and '-'; 255 octets at most.
+ */
+static bool ph_domain_ok(const char *s, size_t n)
+{
+	size_t label = 0;
+
+	if (n == 0 || n > 255)
+		return false;
+	for (size_t i = 0; i < n; i++) {
+		if (s[i] == '.') {
+			if (label == 0)
+				return false;
+			label = 0;
+		} else if (ph_alnum(s[i]) || s[i] == '-') {
+			if (++label > 63)
+				return false;
+		} else {
+			return false;
+		}
+	}
+	return label > 0;
+}
+
+static bool ph_ip_ok(const char *host, bool v6)
+{
+	unsigned char a[16];
+
+	return inet_pton(AF_INET, host, a) == 1 || (v6 && inet_pton(AF_INET6, host, a) == 1);
+}
+
+/*
+ * COUNT/UNIT (100/s: UNIT one of ms, s, m, h, d), COUNT/DURATION (10/5s), or
+ * "0" / "unlimited" (also COUNT 0): {0, 0}. The period must be in [min, max].
+ */
+static int ph_rate_parse(const char *v, uint64_t min, uint64_t max, struct ph_rate *out, char *why,
+                         size_t whylen)
+{
+	const char *slash = strchr(v, '/'), *per;
+	char buf[32], lo[32], hi[32], p[32];
+	uint64_t n = 0, ms;
+	bool over = false;
+	size_t plen;
+
+	if (strcmp(v, "0") == 0 || strcasecmp(v, "unlimited") == 0) {
+		out->count = 0;
+		out->per_ms = 0;
+		return 0;
+	}
+	if (!slash || slash == v)
+		goto bad;
+	for (const char *q = v; q < slash; q++) {
+		if (*q < '0' || *q > '9')
+			goto bad;
+		n = n * 10 + (uint64_t)(*q - '0');
+		if (n > UINT32_MAX) {
+			over = true;
+			n = UINT32_MAX + 1ull;
+		}
+	}
+	per = slash + 1;
+	plen = strlen(per);
+	/* a unit is required: "10/5" is not 10 per 5 seconds */
+	if (plen == 0 || plen >= sizeof(buf) - 1 || per[plen - 1] < 'a' || per[plen - 1] > 'z')
+		goto bad;
+	snprintf(buf, sizeof(buf), "%s%s", per[0] >= '0' && per[0] <= '9' ? "" : "1", per);
+	if (config_duration_ms(buf, &ms, NULL, 0) < 0)
+		goto bad;
+	if (over) {
+		config_err(why, whylen, "rate '%.64s': count above %u", v, UINT32_MAX);
+		return -1;
+	}
+	if (ms < min || ms > max) {
+		config_duration_format(ms, p, sizeof(p));
+		config_duration_format(min, lo, sizeof(lo));
+		config_duration_format(max, hi, sizeof(hi));
+		config_err(why, whylen, "rate '%.64s': the period %s is out of range (%s to %s)", v,
+		           p, lo, hi);
+		return -1;
+	}
+	out->count = (uint32_t)n;
+	out->per_ms = n ? ms : 0;
+	return 0;
+bad:
+	config_err(why, whylen, "invalid rate '%.64s%s' " PH_RATE_HINT, v,
+	           strlen(v) > 64 ? "..." : "");
+	return -1;
+}
+
+/* "unlimited", or COUNT/UNIT when the period is one unit ("100/s"), else COUNT/DURATION. */
+static void ph_rate_format(const struct ph_rate *r, char *buf, size_t len)
+{
+	char d[32];
+
+	if (r->count == 0) {
+		snprintf(buf, len, "unlimited");
+		return;
+	}
+	config_duration_format(r->per_ms, d, sizeof(d));
+	snprintf(buf, len, "%u/%s", r->count,
+	         d[0] == '1' && d[1] >= 'a' && d[1] <= 'z' && !d[2] ? d + 1 : d);
+}
+
+static int ph_rate_check(const struct ph_key *k, const char *name, const struct ph_rate *r,
+                         char *err, size_t errlen)
+{
+	if (r->count == 0 && r->per_ms == 0)
+		return 0;
+	if (r->count == 0) {
+		config_err(err, errlen, "%s: invalid rate (count 0 with a period)", name);
+		return -1;
+	}
+	return ph_range_check(
+	    &(struct ph_key){.name = k->name, .type = PH_K_DURATION, .min = k->min, .max = k->max},
+	    name, r->per_ms, err, errlen);
+}
+
+/* One entry of a host list: s, n octets without surrounding blanks. */
+static int ph_hostport_parse(const char *s, size_t n, struct ph_hostport *hp, char *err,
+                             size_t errlen)
+{
+	const char *port = NULL, *end = s + n;
+	char host[256];
+	size_t hlen;
+	int show = (int)MIN(n, 64);
+
+	memset(hp, 0, sizeof(*hp));
+	if (s[0] == '[') {
+		const char *close = memchr(s, ']', n);
+
+		if (!close) {
+			config_err(err, errlen, "'%.*s': no closing ']'", show, s);
+			return -1;
+		}
+		hlen = (size_t)(close - s - 1);
+		if (hlen >= 64)
+			goto bad_literal;
+		memcpy(host, s + 1, hlen);
+		host[hlen] = '\0';
+		if (!ph_ip_ok(host, true)) {
+		bad_literal:
+			config_err(err, errlen, "'%.*s': '%.*s' is not an IPv4 or IPv6 address",
+			           show, s, (int)MIN(hlen, 64), s + 1);
+			return -1;
+		}
+		if (close + 1 < end && close[1] != ':') {
+			config_err(err, errlen, "'%.*s': expected ':PORT' after ']'", show, s);
+			return -1;
+		}
+		if (close + 1 < end)
+			port = close + 2;
+		hp->literal = true;
+	} else {
+		const char *colon = memchr(s, ':', n);
+
+		if (colon && memchr(colon + 1, ':', (size_t)(end - colon - 1))) {
+			config_err(err, errlen,
+			           "'%.*s': an IPv6 address goes in brackets ([::1] or [::1]:25)",
+			           show, s);
+			return -1;
+		}
+		hlen = colon ? (size_t)(colon - s) : n;
+		if (hlen == 0) {
+			config_err(err, errlen, "'%.*s': empty host", show, s);
+			return -1;
+		}
+		if (!ph_domain_ok(s, hlen)) {
+			config_err(err, errlen,
+			           "'%.*s': '%.*s' is not a host name " PH_DOMAIN_HINT
+			           " or an IP address",
+			           show, s, (int)MIN(hlen, 64), s);
+			return -1;
+		}
+		memcpy(host, s, hlen);
+		host[hlen] = '\0';
+		hp->literal = ph_ip_ok(host, false);
+		if (colon)
+			port = colon + 1;
+	}
+	memcpy(hp->host, host, hlen + 1);
+	hp->port = DEFAULT_PORT;
+	if (port) {
+		unsigned p = 0;
+
+		if (port == end || end - port > 5)
+			goto bad_port;
+		for (const char *q = port; q < end; q++) {
+			if (*q < '0' || *q > '9')
+				goto bad_port;
+			p = p * 10 + (unsigned)(*q - '0');
+		}
+		if (p == 0 || p > 65535) {
+		bad_port:
+			config_err(err, errlen, "'%.*s': invalid port (1 to 65535)", show, s);
+			return -1;
+		}
+		hp->port = (uint16_t)p;
+	}
+	return 0;
+}
+
+int ph_hosts_parse(const char *hosts, struct ph_hostport *out, unsigned max, char *err,
+                   size_t errlen)
+{
+	const char *p = hosts;
+	unsigned n = 0;
+
+	for (;;) {
+		const char *comma = strchr(p, ','), *e = comma ? comma : p + strlen(p);
+		struct ph_hostport hp;
+
+		while (p < e && ph_blank(*p))
+			p++;
+		while (e > p && ph_blank(e[-1]))
+			e--;
+		if (p == e) {
+			if (n == 0 && !comma)
+				config_err(err, errlen, "no host given");
+			else
+				config_err(err, errlen, "empty entry in the host list");
+			return -1;
+		}
+		if (n >= max) {
+			config_err(err, errlen, "more than %u hosts", max);
+			return -1;
+		}
+		if (ph_hostport_parse(p, (size_t)(e - p), &hp, err, errlen) < 0)
+			return -1;
+		if (out)
+			out[n] = hp;
+		n++;
+		if (!comma)
+			return (int)n;
+		p = comma + 1;
+	}
+}
+
+/* v without any blank into out (outlen octets); -1 if it does not fit. */
+static int ph_unblank(const char *v, char *out, size_t outlen)
+{
+	size_t n = 0;
+
+	for (; *v; v++) {
+		if (ph_blank(*v))
+			continue;
+		if (n + 1 >= outlen)
+			return -1;
+		out[n++] = *v;
+	}
+	out[n] = '\0';
+	return 0;
+}
+
+/* A host list (route, smarthost), checked, stored without blanks; "" allowed when empty_ok. */
+static int ph_hosts_norm(const char *name, const char *v, bool empty_ok, char *out, size_t outlen,
+                         char *err, size_t errlen)
+{
+	char why[256];
+
+	if (empty_ok && ph_unblank(v, out, outlen) == 0 && !out[0])
+		return 0;
+	if (ph_hosts_parse(v, NULL, PH_HOSTS_MAX, why, sizeof(why)) < 0) {
+		config_err(err, errlen, "%s: %s", name, why);
+		return -1;
+	}
+	if (ph_unblank(v, out, outlen) < 0) {
+		config_err(err, errlen, "%s: longer than %zu octets", name, outlen - 1);
+		return -1;
+	}
+	return 0;
+}
+
+/* resolver: "" or IP:PORT[,IP:PORT...], checked, stored without blanks. */
+static int ph_resolver_norm(const char *v, char *out, size_t outlen, char *err, size_t errlen)
+{
+	const char *p = v;
+	char entry[128], host[64], why[256];
+	uint16_t port;
+
+	if (ph_unblank(v, out, outlen) == 0 && !out[0])
+		return 0;
+	for (;;) {
+		const char *comma = strchr(p, ','), *e = comma ? comma : p + strlen(p);
+
+		while (p < e && ph_blank(*p))
+			p++;
+		while (e > p && ph_blank(e[-1]))
+			e--;
+		if (p == e) {
+			config_err(err, errlen, "resolver: empty entry in the list");
+			return -1;
+		}
+		snprintf(entry, sizeof(entry), "%.*s", (int)MIN((size_t)(e - p), 127), p);
+		if ((size_t)(e - p) >= sizeof(entry) ||
+		    (entry[0] == ':' && !strchr(entry + 1, ':'))) {
+			config_err(err, errlen, "resolver: '%.64s' is not IP:PORT", entry);
+			return -1;
+		}
+		if (config_hostport(entry, host, sizeof(host), &port, why, sizeof(why)) < 0) {
+			config_err(err, errlen, "resolver: %s", why);
+			return -1;
+		}
+		if (!ph_ip_ok(host, true)) {
+			config_err(err, errlen, "resolver: '%s' is not an IPv4 or IPv6 address",
+			           host);
+			return -1;
+		}
+		if (port == 0) {
+			config_err(err, errlen, "resolver: '%s': port 0", entry);
+			return -1;
+		}
+		if (!comma)
+			break;
+		p = comma + 1;
+	}
+	if (ph_unblank(v, out, outlen) < 0) {
+		config_err(err, errlen, "resolver: longer than %zu octets", outlen - 1);
+		return -1;
+	}
+	return 0;
+}
+
+/* Whether the domain list (normalised) holds s (n octets, any case). */
+static bool ph_domain_listed(const char *list, const char *s, size_t n)
+{
+	const char *p = list;
+
+	while (*p) {
+		const char *comma = strchr(p, ',');
+		size_t len = comma ? (size_t)(comma - p) : strlen(p);
+
+		if (len == n && strncasecmp(p, s, n) == 0)
+			return true;
+		if (!comma)
+			break;
+		p = comma + 1;
+	}
+	return false;
+}
+
+/* local_domains: split at commas and blanks, checked, lower-cased, joined by single commas, each
+ * once. */
+static int ph_domains_norm(const char *v, char *out, size_t outlen, char *err, size_t errlen)
+{
+	/* it must also be written back on one line: "local_domains = " + the list */
+	size_t max = MIN(outlen - 1, CONFIG_LINE_MAX - strlen("local_domains = ")), n = 0;
+	const char *p = v;
+
+	out[0] = '\0';
+	for (;;) {
+		const char *b;
+
+		while (*p == ',' || ph_blank(*p))
+			p++;
+		if (!*p)
+			return 0;
+		for (b = p; *p && *p != ',' && !ph_blank(*p); p++)
+			;
+		if (!ph_domain_ok(b, (size_t)(p - b))) {
+			config_err(err, errlen,
+			           "local_domains: '%.*s%s' is not a domain name " PH_DOMAIN_HINT,
+			           (int)MIN((size_t)(p - b), 64), b, p - b > 64 ? "..." : "");
+			return -1;
+		}
+		if (ph_domain_listed(out, b, (size_t)(p - b)))
+			continue;
+		if (n + (n ? 1 : 0) + (size_t)(p - b) > max) {
+			config_err(
+			    err, errlen,
+			    "local_domains: too long to be written on one configuration line "
+			    "(%u octets)",
+			    CONFIG_LINE_MAX);
+			return -1;
+		}
+		if (n)
+			out[n++] = ',';
+		while (b < p)
+			out[n++] = ph_lower(*b++);
+		out[n] = '\0';
+	}
 }
 
 static int ph_name_index(const char *const *names, size_t n, const char *v)
@@ -228,14 +713,216 @@ static int ph_set_listen(struct ph_config *c, const char *v, char *err, size_t e
 	return 0;
 }
 
+/*
+ * A value of a scalar type (number, size, duration, boolean, rate) into field;
+ * errors name the key as name.
+ */
+static int ph_set_value(const struct ph_key *k, const char *name, const char *v, void *field,
+                        char *err, size_t errlen)
+{
+	char why[256];
+	struct ph_rate r;
+	uint64_t u64;
+	unsigned u;
+	bool b;
+
+	switch (k->type) {
+	case PH_K_UINT:
+		if (config_uint(v, (unsigned)k->min, (unsigned)k->max, &u, why, sizeof(why)) < 0) {
+			config_err(err, errlen, "%s: %s", name, why);
+			return -1;
+		}
+		memcpy(field, &u, sizeof(u));
+		return 0;
+	case PH_K_SIZE:
+	case PH_K_DURATION:
+		if ((k->type == PH_K_SIZE ? config_size(v, &u64, why, sizeof(why))
+		                          : config_duration_ms(v, &u64, why, sizeof(why))) < 0) {
+			config_err(err, errlen, "%s: %s", name, why);
+			return -1;
+		}
+		if (ph_range_check(k, name, u64, err, errlen) < 0)
+			return -1;
+		memcpy(field, &u64, sizeof(u64));
+		return 0;
+	case PH_K_BOOL:
+		if (config_bool(v, &b, why, sizeof(why)) < 0) {
+			config_err(err, errlen, "%s: %s", name, why);
+			return -1;
+		}
+		memcpy(field, &b, sizeof(b));
+		return 0;
+	case PH_K_RATE:
+		if (ph_rate_parse(v, k->min, k->max, &r, why, sizeof(why)) < 0) {
+			config_err(err, errlen, "%s: %s", name, why);
+			return -1;
+		}
+		/* member by member: the padding keeps the zeros of ph_config_default */
+		memcpy((char *)field + offsetof(struct ph_rate, count), &r.count, sizeof(r.count));
+		memcpy((char *)field + offsetof(struct ph_rate, per_ms), &r.per_ms,
+		       sizeof(r.per_ms));
+		return 0;
+	default:
+		break;
+	}
+	panic("ph_config: key type %d is not a scalar", (int)k->type);
+}
+
+/* A scalar value as ph_set_value reads it back; *zero: it is 0 (for the key's note). */
+static void ph_format_value(const struct ph_key *k, const void *field, char *buf, size_t len,
+                            bool *zero)
+{
+	struct ph_rate r;
+	uint64_t u64;
+	unsigned u;
+	bool b;
+
+	*zero = false;
+	switch (k->type) {
+	case PH_K_UINT:
+		memcpy(&u, field, sizeof(u));
+		snprintf(buf, len, "%u", u);
+		*zero = u == 0;
+		return;
+	case PH_K_SIZE:
+		memcpy(&u64, field, sizeof(u64));
+		config_size_format(u64, buf, len);
+		*zero = u64 == 0;
+		return;
+	case PH_K_DURATION:
+		memcpy(&u64, field, sizeof(u64));
+		config_duration_format(u64, buf, len);
+		return;
+	case PH_K_BOOL:
+		memcpy(&b, field, sizeof(b));
+		snprintf(buf, len, "%s", b ? "yes" : "no");
+		return;
+	case PH_K_RATE:
+		memcpy(&r, field, sizeof(r));
+		ph_rate_format(&r, buf, len);
+		return;
+	default:
+		break;
+	}
+	panic("ph_config: key type %d is not a scalar", (int)k->type);
+}
+
+/* Checks DOMAIN of "PREFIX.DOMAIN" and writes it lower-cased into dom[256]. */
+static int ph_key_domain(const char *prefix, const char *domain, char *dom, char *err,
+                         size_t errlen)
+{
+	size_t n = strlen(domain);
+
+	if (!ph_domain_ok(domain, n)) {
+		config_err(err, errlen, "%s.%.64s%s: not a domain name " PH_DOMAIN_HINT, prefix,
+		           domain, n > 64 ? "..." : "");
+		return -1;
+	}
+	for (size_t i = 0; i <= n; i++)
+		dom[i] = ph_lower(domain[i]);
+	return 0;
+}
+
+static int ph_set_route(struct ph_config *c, const char *domain, const char *v, char *err,
+                        size_t errlen)
+{
+	struct ph_route r;
+	char name[300];
+	unsigned i;
+
+	memset(&r, 0, sizeof(r));
+	if (ph_key_domain("route", domain, r.domain, err, errlen) < 0)
+		return -1;
+	snprintf(name, sizeof(name), "route.%s", r.domain);
+	if (ph_hosts_norm(name, v, false, r.hosts, sizeof(r.hosts), err, errlen) < 0)
+		return -1;
+	for (i = 0; i < c->nroutes && i < PH_ROUTE_MAX; i++)
+		if (strcmp(c->routes[i].domain, r.domain) == 0)
+			break;
+	if (i == c->nroutes) {
+		if (c->nroutes >= PH_ROUTE_MAX) {
+			config_err(err, errlen, "%s: more than %u routes", name, PH_ROUTE_MAX);
+			return -1;
+		}
+		c->nroutes++;
+	}
+	memcpy(&c->routes[i], &r, sizeof(r));
+	return 0;
+}
+
+/* destination.DOMAIN = NAME=VALUE ...: the default limits, with the ones named replaced. */
+static int ph_set_dest(struct ph_config *c, const char *domain, const char *v, char *err,
+                       size_t errlen)
+{
+	struct ph_dest d;
+	char name[340], tok[128];
+	const char *p = v;
+	unsigned i;
+
+	memset(&d, 0, sizeof(d));
+	if (ph_key_domain("destination", domain, d.domain, err, errlen) < 0)
+		return -1;
+	memcpy(&d.lim, &c->limits, sizeof(d.lim));
+	for (;;) {
+		const char *b, *eq;
+		size_t j;
+
+		while (ph_blank(*p))
+			p++;
+		if (!*p)
+			break;
+		for (b = p; *p && !ph_blank(*p); p++)
+			;
+		eq = memchr(b, '=', (size_t)(p - b));
+		if (!eq || eq == b) {
+			config_err(
+			    err, errlen,
+			    "destination.%s: '%.*s%s' is not NAME=VALUE (NAME: " PH_LIMIT_NAMES ")",
+			    d.domain, (int)MIN((size_t)(p - b), 64), b, p - b > 64 ? "..." : "");
+			return -1;
+		}
+		for (j = 0; j < ARRAY_SIZE(ph_limit_names); j++)
+			if ((size_t)(eq - b) == strlen(ph_limit_names[j]) &&
+			    strncasecmp(b, ph_limit_names[j], (size_t)(eq - b)) == 0)
+				break;
+		if (j == ARRAY_SIZE(ph_limit_names)) {
+			config_err(err, errlen,
+			           "destination.%s: unknown limit '%.*s' (" PH_LIMIT_NAMES ")",
+			           d.domain, (int)MIN((size_t)(eq - b), 64), b);
+			return -1;
+		}
+		snprintf(name, sizeof(name), "destination.%s: %s", d.domain, ph_limit_names[j]);
+		if ((size_t)(p - eq - 1) >= sizeof(tok)) {
+			config_err(err, errlen, "%s: value longer than %zu octets", name,
+			           sizeof(tok) - 1);
+			return -1;
+		}
+		memcpy(tok, eq + 1, (size_t)(p - eq - 1));
+		tok[p - eq - 1] = '\0';
+		if (ph_set_value(ph_limit_key(j), name, tok,
+		                 ph_limit_field(&d.lim, ph_limit_key(j)), err, errlen) < 0)
+			return -1;
+	}
+	for (i = 0; i < c->ndests && i < PH_DEST_MAX; i++)
+		if (strcmp(c->dests[i].domain, d.domain) == 0)
+			break;
+	if (i == c->ndests) {
+		if (c->ndests >= PH_DEST_MAX) {
+			config_err(err, errlen, "destination.%s: more than %u destinations",
+			           d.domain, PH_DEST_MAX);
+			return -1;
+		}
+		c->ndests++;
+	}
+	memcpy(&c->dests[i], &d, sizeof(d));
+	return 0;
+}
+
 static int ph_set(struct ph_config *c, const struct ph_key *k, const char *v, char *err,
                   size_t errlen)
 {
 	char *field = (char *)c + k->off;
-	char why[256];
-	uint64_t u64;
-	unsigned u;
-	bool b;
+	char buf[4096];
 	int i;
 
 	switch (k->type) {
@@ -249,6 +936,20 @@ static int ph_set(struct ph_config *c, const struct ph_key *k, const char *v, ch
 		memset(field, 0, k->size);
 		memcpy(field, v, strlen(v));
 		return 0;
+	case PH_K_RESOLVER:
+	case PH_K_HOSTS:
+	case PH_K_DOMAINS:
+		if ((k->type == PH_K_RESOLVER ? ph_resolver_norm(v, buf, k->size, err, errlen)
+		     : k->type == PH_K_HOSTS
+		         ? ph_hosts_norm(k->name, v, true, buf, k->size, err, errlen)
+		         : ph_domains_norm(v, buf, k->size, err, errlen)) < 0)
+			return -1;
+		memset(field, 0, k->size);
+		memcpy(field, buf, strlen(buf));
+		return 0;
+	case PH_K_ROUTES:
+	case PH_K_DESTS:
+		break; /* only as route.DOMAIN and destination.DOMAIN (ph_config_set) */
 	case PH_K_DURABILITY:
 		i = ph_name_index(ph_durability_names, ARRAY_SIZE(ph_durability_names), v);
 		if (i < 0) {
@@ -261,45 +962,50 @@ static int ph_set(struct ph_config *c, const struct ph_key *k, const char *v, ch
 		i = ph_name_index(ph_log_level_names, ARRAY_SIZE(ph_log_level_names), v);
 		if (i < 0) {
 			config_err(err, errlen, "%s: '%.64s' is not error, warning, info or debug",
-			       k->name, v);
+			           k->name, v);
 			return -1;
 		}
 		c->log_level = (enum log_level)i;
 		return 0;
 	case PH_K_UINT:
-		if (config_uint(v, (unsigned)k->min, (unsigned)k->max, &u, why, sizeof(why)) < 0) {
-			config_err(err, errlen, "%s: %s", k->name, why);
-			return -1;
-		}
-		memcpy(field, &u, sizeof(u));
-		return 0;
 	case PH_K_SIZE:
 	case PH_K_DURATION:
-		if ((k->type == PH_K_SIZE ? config_size(v, &u64, why, sizeof(why))
-		                          : config_duration_ms(v, &u64, why, sizeof(why))) < 0) {
-			config_err(err, errlen, "%s: %s", k->name, why);
-			return -1;
-		}
-		if (ph_range_check(k, u64, err, errlen) < 0)
-			return -1;
-		memcpy(field, &u64, sizeof(u64));
-		return 0;
 	case PH_K_BOOL:
-		if (config_bool(v, &b, why, sizeof(why)) < 0) {
-			config_err(err, errlen, "%s: %s", k->name, why);
+	case PH_K_RATE:
+		if (ph_is_limit_key(k) && c->ndests > 0) {
+			config_err(
+			    err, errlen,
+			    "%s: must come before the destination.DOMAIN keys (each copies the "
+			    "delivery_* limits in force when it is read)",
+			    k->name);
 			return -1;
 		}
-		memcpy(field, &b, sizeof(b));
-		return 0;
+		return ph_set_value(k, k->name, v, field, err, errlen);
 	}
 	panic("ph_config: key type %d", (int)k->type);
 }
 
 int ph_config_set(struct ph_config *c, const char *key, const char *value, char *err, size_t errlen)
 {
-	for (size_t i = 0; i < ARRAY_SIZE(ph_keys); i++)
-		if (strcasecmp(key, ph_keys[i].name) == 0)
-			return ph_set(c, &ph_keys[i], value, err, errlen);
+	for (size_t i = 0; i < ARRAY_SIZE(ph_keys); i++) {
+		const struct ph_key *k = &ph_keys[i];
+		size_t n = strlen(k->name);
+
+		if (k->type == PH_K_ROUTES || k->type == PH_K_DESTS) {
+			if (strncasecmp(key, k->name, n) == 0 && key[n] == '.')
+				return (k->type == PH_K_ROUTES ? ph_set_route : ph_set_dest)(
+				    c, key + n + 1, value, err, errlen);
+			if (strcasecmp(key, k->name) == 0) {
+				config_err(err, errlen,
+				           "'%s': the domain goes in the key: %s.DOMAIN", k->name,
+				           k->name);
+				return -1;
+			}
+			continue;
+		}
+		if (strcasecmp(key, k->name) == 0)
+			return ph_set(c, k, value, err, errlen);
+	}
 	for (size_t i = 0; i < ARRAY_SIZE(ph_reserved); i++) {
 		if (strcasecmp(key, ph_reserved[i]) == 0) {
 			config_err(err, errlen,
@@ -331,38 +1037,175 @@ static int ph_load_entry(void *arg, const char *key, const char *value, unsigned
 	return ph_config_set(&l->c, key, value, err, errlen);
 }
 
+/* The file's entries over a copy of *c (on the heap: the struct is large), then *c. */
+static int ph_load(struct ph_config *c, const char *name, const char *path, const char *buf,
+                   size_t len, char *err, size_t errlen)
+{
+	struct ph_load *l = malloc(sizeof(*l));
+	int rc;
+
+	if (!l) {
+		config_err(err, errlen, "%s: out of memory",
+		           path   ? path
+		           : name ? name
+		                  : "(config)");
+		return -1;
+	}
+	memcpy(&l->c, c, sizeof(*c));
+	l->listen_seen = false;
+	rc = path ? config_parse_file(path, ph_load_entry, l, err, errlen)
+	          : config_parse_buffer(name, buf, len, ph_load_entry, l, err, errlen);
+	if (rc == 0)
+		memcpy(c, &l->c, sizeof(*c));
+	free(l);
+	return rc < 0 ? -1 : 0;
+}
+
 int ph_config_load_buffer(struct ph_config *c, const char *name, const char *buf, size_t len,
                           char *err, size_t errlen)
 {
-	struct ph_load l;
-
-	l.c = *c;
-	l.listen_seen = false;
-	if (config_parse_buffer(name, buf, len, ph_load_entry, &l, err, errlen) < 0)
-		return -1;
-	*c = l.c;
-	return 0;
+	return ph_load(c, name, NULL, buf, len, err, errlen);
 }
 
 int ph_config_load_file(struct ph_config *c, const char *path, char *err, size_t errlen)
 {
-	struct ph_load l;
-
-	l.c = *c;
-	l.listen_seen = false;
-	if (config_parse_file(path, ph_load_entry, &l, err, errlen) < 0)
-		return -1;
-	*c = l.c;
-	return 0;
+	return ph_load(c, NULL, path, NULL, 0, err, errlen);
 }
 
 /* ---- checks ---- */
 
+/* The range of a scalar value (ph_set_value's types). */
+static int ph_check_value(const struct ph_key *k, const char *name, const void *field, char *err,
+                          size_t errlen)
+{
+	struct ph_rate r;
+	uint64_t u64;
+	unsigned u;
+
+	switch (k->type) {
+	case PH_K_UINT:
+		memcpy(&u, field, sizeof(u));
+		return ph_range_check(k, name, u, err, errlen);
+	case PH_K_SIZE:
+	case PH_K_DURATION:
+		memcpy(&u64, field, sizeof(u64));
+		return ph_range_check(k, name, u64, err, errlen);
+	case PH_K_RATE:
+		memcpy(&r, field, sizeof(r));
+		return ph_rate_check(k, name, &r, err, errlen);
+	default:
+		return 0;
+	}
+}
+
+/* A list field: NUL-terminated, valid, and as its normaliser writes it. */
+static int ph_check_list(const struct ph_key *k, const char *field, char *err, size_t errlen)
+{
+	char buf[4096];
+	int rc;
+
+	if (strnlen(field, k->size) == k->size) {
+		config_err(err, errlen, "%s: not NUL-terminated", k->name);
+		return -1;
+	}
+	rc = k->type == PH_K_RESOLVER ? ph_resolver_norm(field, buf, k->size, err, errlen)
+	     : k->type == PH_K_HOSTS
+	         ? ph_hosts_norm(k->name, field, true, buf, k->size, err, errlen)
+	         : ph_domains_norm(field, buf, k->size, err, errlen);
+	if (rc < 0)
+		return -1;
+	if (strcmp(buf, field) != 0) {
+		config_err(err, errlen, "%s: not in its normal form ('%.64s')", k->name, buf);
+		return -1;
+	}
+	return 0;
+}
+
+/* A route's or destination's domain: NUL-terminated, valid, lower case, not seen before. */
+static int ph_check_domain(const char *prefix, const char *dom, unsigned i, const char *prev,
+                           size_t stride, char *err, size_t errlen)
+{
+	size_t n = strnlen(dom, 256);
+
+	if (n == 256 || !ph_domain_ok(dom, n)) {
+		config_err(err, errlen, "%s: entry %u: not a domain name", prefix, i + 1);
+		return -1;
+	}
+	for (size_t j = 0; j < n; j++) {
+		if (dom[j] != ph_lower(dom[j])) {
+			config_err(err, errlen, "%s.%s: the domain is not in lower case", prefix,
+			           dom);
+			return -1;
+		}
+	}
+	for (unsigned j = 0; j < i; j++) {
+		if (strcmp(prev + j * stride, dom) == 0) {
+			config_err(err, errlen, "%s.%s: given twice", prefix, dom);
+			return -1;
+		}
+	}
+	return 0;
+}
+
+static int ph_check_routes(const struct ph_config *c, char *err, size_t errlen)
+{
+	char name[300], buf[PH_HOSTS_LEN];
+
+	if (c->nroutes > PH_ROUTE_MAX) {
+		config_err(err, errlen, "route: more than %u routes", PH_ROUTE_MAX);
+		return -1;
+	}
+	for (unsigned i = 0; i < c->nroutes; i++) {
+		const struct ph_route *r = &c->routes[i];
+
+		if (ph_check_domain("route", r->domain, i, c->routes[0].domain,
+		                    sizeof(struct ph_route), err, errlen) < 0)
+			return -1;
+		snprintf(name, sizeof(name), "route.%s", r->domain);
+		if (strnlen(r->hosts, sizeof(r->hosts)) == sizeof(r->hosts)) {
+			config_err(err, errlen, "%s: not NUL-terminated", name);
+			return -1;
+		}
+		if (ph_hosts_norm(name, r->hosts, false, buf, sizeof(buf), err, errlen) < 0)
+			return -1;
+		if (strcmp(buf, r->hosts) != 0) {
+			config_err(err, errlen, "%s: not in its normal form ('%.64s')", name, buf);
+			return -1;
+		}
+	}
+	return 0;
+}
+
+static int ph_check_dests(const struct ph_config *c, char *err, size_t errlen)
+{
+	char name[340];
+
+	if (c->ndests > PH_DEST_MAX) {
+		config_err(err, errlen, "destination: more than %u destinations", PH_DEST_MAX);
+		return -1;
+	}
+	for (unsigned i = 0; i < c->ndests; i++) {
+		struct ph_dest d;
+
+		memcpy(&d, &c->dests[i], sizeof(d));
+		if (ph_check_domain("destination", d.domain, i, c->dests[0].domain,
+		                    sizeof(struct ph_dest), err, errlen) < 0)
+			return -1;
+		for (size_t j = 0; j < ARRAY_SIZE(ph_limit_names); j++) {
+			const struct ph_key *k = ph_limit_key(j);
+
+			snprintf(name, sizeof(name), "destination.%s: %s", d.domain,
+			         ph_limit_names[j]);
+			if (ph_check_value(k, name, ph_limit_field(&d.lim, k), err, errlen) < 0)
+				return -1;
+		}
+	}
+	return 0;
+}
+
 static int ph_check_key(const struct ph_config *c, const struct ph_key *k, char *err, size_t errlen)
 {
 	const char *field = (const char *)c + k->off;
-	uint64_t u64;
-	unsigned u;
 
 	switch (k->type) {
 	case PH_K_LISTEN:
@@ -384,14 +1227,19 @@ static int ph_check_key(const struct ph_config *c, const struct ph_key *k, char 
 		}
 		return 0;
 	case PH_K_UINT:
-		memcpy(&u, field, sizeof(u));
-		return ph_range_check(k, u, err, errlen);
 	case PH_K_SIZE:
 	case PH_K_DURATION:
-		memcpy(&u64, field, sizeof(u64));
-		return ph_range_check(k, u64, err, errlen);
 	case PH_K_BOOL:
-		return 0;
+	case PH_K_RATE:
+		return ph_check_value(k, k->name, field, err, errlen);
+	case PH_K_RESOLVER:
+	case PH_K_HOSTS:
+	case PH_K_DOMAINS:
+		return ph_check_list(k, field, err, errlen);
+	case PH_K_ROUTES:
+		return ph_check_routes(c, err, errlen);
+	case PH_K_DESTS:
+		return ph_check_dests(c, err, errlen);
 	}
 	panic("ph_config: key type %d", (int)k->type);
 }
@@ -463,7 +1311,54 @@ int ph_config_check(const struct ph_config *c, char *err, size_t errlen)
 		       dir_len + strlen(CONTROL_SOCKET_NAME), sizeof(c->control_socket) - 1);
 		return -1;
 	}
+	if (c->retry_max_ms < c->retry_min_ms) {
+		char a[32], b[32];
+
+		config_duration_format(c->retry_max_ms, a, sizeof(a));
+		config_duration_format(c->retry_min_ms, b, sizeof(b));
+		config_err(err, errlen, "retry_max: %s is less than retry_min (%s)", a, b);
+		return -1;
+	}
+	if (c->local_domains[0] && !c->users_file[0]) {
+		config_err(err, errlen, "users_file: required when local_domains is set");
+		return -1;
+	}
+	for (unsigned i = 0; i < c->nroutes; i++) {
+		const char *dom = c->routes[i].domain;
+
+		if (ph_domain_listed(c->local_domains, dom, strlen(dom))) {
+			config_err(
+			    err, errlen,
+			    "route.%s: %s is in local_domains too (a domain is delivered either "
+			    "locally or by a route)",
+			    dom, dom);
+			return -1;
+		}
+	}
 	return 0;
+}
+
+/* ---- for delivery ---- */
+
+const struct ph_limits *ph_config_limits_for(const struct ph_config *c, const char *domain)
+{
+	for (unsigned i = 0; i < c->ndests && i < PH_DEST_MAX; i++)
+		if (strcasecmp(c->dests[i].domain, domain) == 0)
+			return &c->dests[i].lim;
+	return &c->limits;
+}
+
+const char *ph_config_route_for(const struct ph_config *c, const char *domain)
+{
+	for (unsigned i = 0; i < c->nroutes && i < PH_ROUTE_MAX; i++)
+		if (strcasecmp(c->routes[i].domain, domain) == 0)
+			return c->routes[i].hosts;
+	return NULL;
+}
+
+bool ph_config_is_local(const struct ph_config *c, const char *domain, size_t len)
+{
+	return len > 0 && ph_domain_listed(c->local_domains, domain, len);
 }
 
 /* ---- printing ---- */
@@ -485,6 +1380,23 @@ static void ph_print_string(FILE *f, const char *s, size_t size)
 	fputc('"', f);
 }
 
+/* destination.DOMAIN = every limit, so that it reads back the same whatever the defaults. */
+static void ph_print_dest(FILE *f, const struct ph_dest *d)
+{
+	fprintf(f, "destination.%.*s =", (int)strnlen(d->domain, sizeof(d->domain)), d->domain);
+	for (size_t j = 0; j < ARRAY_SIZE(ph_limit_names); j++) {
+		const struct ph_key *k = ph_limit_key(j);
+		struct ph_limits lim;
+		char buf[96];
+		bool zero;
+
+		memcpy(&lim, &d->lim, sizeof(lim));
+		ph_format_value(k, ph_limit_field(&lim, k), buf, sizeof(buf), &zero);
+		fprintf(f, " %s=%s", ph_limit_names[j], buf);
+	}
+	fputc('\n', f);
+}
+
 void ph_config_print(const struct ph_config *c, FILE *f)
 {
 	fputs("# posthaste: the effective configuration\n", f);
@@ -492,23 +1404,48 @@ void ph_config_print(const struct ph_config *c, FILE *f)
 		const struct ph_key *k = &ph_keys[i];
 		const char *field = (const char *)c + k->off;
 		char buf[96];
-		uint64_t u64 = 0;
-		unsigned u;
-		bool b, zero = false;
+		bool zero = false;
 
-		if (k->type == PH_K_LISTEN) {
+		switch (k->type) {
+		case PH_K_LISTEN:
 			for (unsigned j = 0; j < c->nlisten && j < PH_LISTEN_MAX; j++) {
 				ph_listen_format(&c->listen[j], buf, sizeof(buf));
 				fprintf(f, "listen = %s\n", buf);
 			}
 			continue;
+		case PH_K_ROUTES:
+			for (unsigned j = 0; j < c->nroutes && j < PH_ROUTE_MAX; j++) {
+				const struct ph_route *r = &c->routes[j];
+
+				fprintf(f,
+				        "route.%.*s = ", (int)strnlen(r->domain, sizeof(r->domain)),
+				        r->domain);
+				ph_print_string(f, r->hosts, sizeof(r->hosts));
+				fputc('\n', f);
+			}
+			if (c->nroutes == 0)
+				fputs("# route.DOMAIN = HOSTS: none\n", f);
+			continue;
+		case PH_K_DESTS:
+			for (unsigned j = 0; j < c->ndests && j < PH_DEST_MAX; j++)
+				ph_print_dest(f, &c->dests[j]);
+			if (c->ndests == 0)
+				fputs("# destination.DOMAIN = LIMITS: none\n", f);
+			continue;
+		default:
+			break;
 		}
 		fprintf(f, "%s = ", k->name);
 		switch (k->type) {
 		case PH_K_LISTEN:
+		case PH_K_ROUTES:
+		case PH_K_DESTS:
 			break;
 		case PH_K_PATH:
 		case PH_K_HOSTNAME:
+		case PH_K_RESOLVER:
+		case PH_K_HOSTS:
+		case PH_K_DOMAINS:
 			ph_print_string(f, field, k->size);
 			zero = !field[0];
 			break;
@@ -525,24 +1462,12 @@ void ph_config_print(const struct ph_config *c, FILE *f)
 			      f);
 			break;
 		case PH_K_UINT:
-			memcpy(&u, field, sizeof(u));
-			fprintf(f, "%u", u);
-			zero = u == 0;
-			break;
 		case PH_K_SIZE:
-			memcpy(&u64, field, sizeof(u64));
-			config_size_format(u64, buf, sizeof(buf));
-			fputs(buf, f);
-			zero = u64 == 0;
-			break;
 		case PH_K_DURATION:
-			memcpy(&u64, field, sizeof(u64));
-			config_duration_format(u64, buf, sizeof(buf));
-			fputs(buf, f);
-			break;
 		case PH_K_BOOL:
-			memcpy(&b, field, sizeof(b));
-			fputs(b ? "yes" : "no", f);
+		case PH_K_RATE:
+			ph_format_value(k, field, buf, sizeof(buf), &zero);
+			fputs(buf, f);
 			break;
 		}
 		if (zero && k->zero_note)

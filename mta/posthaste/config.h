@@ -7,7 +7,8 @@
  * then one ph_config_set per command-line flag, then ph_config_check.
  *
  * Errors: 0, or -1 with a readable reason in err (truncated to errlen).
- * Not thread-safe on one struct; no global state.
+ * Not thread-safe on one struct; no global state. The struct is large
+ * (about 100 KiB: routes, destinations, paths): better not on a small stack.
  */
 #ifndef POSTHASTE_MTA_POSTHASTE_CONFIG_H
 #define POSTHASTE_MTA_POSTHASTE_CONFIG_H
@@ -28,6 +29,48 @@ struct ph_listen {
 	uint16_t port; /* 0: any free port */
 };
 
+#define PH_ROUTE_MAX 64  /* route.DOMAIN keys */
+#define PH_DEST_MAX  64  /* destination.DOMAIN keys */
+#define PH_HOSTS_LEN 512 /* a host list, with its NUL */
+#define PH_HOSTS_MAX 16  /* hosts in one list (route, smarthost): size of a ph_hostport array */
+
+/* count per per_ms milliseconds; count 0 = unlimited (then per_ms is 0 too). */
+struct ph_rate {
+	uint32_t count;
+	uint64_t per_ms;
+};
+
+/* Limits of delivery to one destination (a site: the hosts of a domain). */
+struct ph_limits {
+	unsigned concurrency;     /* connections per destination; default 20; 1..10000 */
+	struct ph_rate msg_rate;  /* messages; default unlimited */
+	struct ph_rate conn_rate; /* new connections; default unlimited */
+	unsigned msgs_per_conn;   /* messages per connection before QUIT; default 100; 1..1000000 */
+	uint64_t idle_timeout_ms; /* an idle connection is closed after; default 5 s; 1ms..1d */
+};
+
+/*
+ * route.DOMAIN = HOSTS. domain: lower-case; hosts: "HOST[:PORT][,HOST[:PORT]...]"
+ * as written less any blanks (valid for ph_hosts_parse, up to PH_HOSTS_MAX hosts).
+ */
+struct ph_route {
+	char domain[256];
+	char hosts[PH_HOSTS_LEN];
+};
+
+/* destination.DOMAIN = k=v ...: domain lower-case; lim complete (see ph_config_set). */
+struct ph_dest {
+	char domain[256];
+	struct ph_limits lim;
+};
+
+/* One host of a host list (ph_hosts_parse). */
+struct ph_hostport {
+	char host[256]; /* a host name, or an IP address without its brackets */
+	uint16_t port;  /* 1..65535; 25 when the list omits it */
+	bool literal;   /* [IP] or a bare IPv4 address: no MX/A lookup */
+};
+
 struct ph_config {
 	struct ph_listen listen[PH_LISTEN_MAX];
 	unsigned nlisten;              /* default: 127.0.0.1:2525 */
@@ -45,8 +88,32 @@ struct ph_config {
 	char control_socket[108]; /* default "" = SPOOL_DIR/control.sock */
 	/* built-in discard route for benchmarks: accept, make durable, then drop */
 	bool discard;
+	/* deliver queued mail (default yes); no: mail waits in the queue (tests, maintenance) */
+	bool delivery;
 	enum log_level log_level;  /* default info */
-	uint64_t max_queue_age_ms; /* default 5 d (used by delivery later) */
+	uint64_t max_queue_age_ms; /* default 5 d */
+
+	/* ---- delivery (docs/configuration.md, "Delivery") ---- */
+	/* "" = the system's resolv.conf; else "IP:PORT[,IP:PORT...]" normalised: no blanks */
+	char resolver[256];
+	/* "" = none (deliver by MX); else the hosts of every non-local domain without a route */
+	char smarthost[PH_HOSTS_LEN]; /* like ph_route.hosts */
+	struct ph_route routes[PH_ROUTE_MAX];
+	unsigned nroutes;
+	/* comma/blank-separated list, stored normalised: lower-case, single commas, no blanks */
+	char local_domains[4096];
+	char users_file[4096];   /* "" default; required when local_domains is set */
+	char mailbox_root[4096]; /* default "./var/mail" */
+	struct ph_limits limits; /* the default per-destination limits (delivery_*) */
+	struct ph_dest dests[PH_DEST_MAX];
+	unsigned ndests;
+	uint64_t retry_min_ms;       /* first retry after; default 5 min; 10ms..1d */
+	uint64_t retry_max_ms;       /* backoff cap; default 1 h; 10ms..7d, >= retry_min */
+	uint64_t connect_timeout_ms; /* default 30 s; 1ms..1d */
+	/* default "./var/log/accounting.jsonl"; "none" = off; "-" = standard output */
+	char accounting_log[4096];
+	/* messages being delivered at once per worker; default 10000; 1..1000000 */
+	unsigned delivery_active_max;
 };
 
 /* Fills *c with the defaults (every octet of *c is written: memcmp-stable). */
@@ -68,7 +135,12 @@ int ph_config_load_buffer(struct ph_config *c, const char *name, const char *buf
  * Sets one key (case-insensitive) from its string value, as from a file or a
  * command-line flag. "listen" adds one listener (at most PH_LISTEN_MAX); the
  * caller clears nlisten first when a new list should replace the old one.
- * Errors: "unknown key 'x'", "'route' is not supported yet ...", or
+ * "route.DOMAIN" and "destination.DOMAIN" add an entry for DOMAIN, or replace
+ * the one DOMAIN already has (at most PH_ROUTE_MAX / PH_DEST_MAX domains).
+ * A destination copies the default limits (delivery_*) in force when it is
+ * set and overrides the ones its value names; so a delivery_* key after a
+ * destination.* key is refused ("KEY: must come before ...").
+ * Errors: "unknown key 'x'", "'tls_cert' is not supported yet ...", or
  * "KEY: reason" for a bad value (then *c is unchanged).
  */
 int ph_config_set(struct ph_config *c, const char *key, const char *value, char *err,
@@ -83,5 +155,27 @@ int ph_config_check(const struct ph_config *c, char *err, size_t errlen);
  * back an equal configuration (for any configuration that passes ph_config_check).
  */
 void ph_config_print(const struct ph_config *c, FILE *f);
+
+/* ---- for delivery ---- */
+
+/* The limits of destination.DOMAIN (exact match, case-insensitive), else c->limits. */
+const struct ph_limits *ph_config_limits_for(const struct ph_config *c, const char *domain);
+
+/* The hosts of route.DOMAIN (exact match, case-insensitive), or NULL. */
+const char *ph_config_route_for(const struct ph_config *c, const char *domain);
+
+/* Whether the len octets at domain name one of local_domains (case-insensitive). */
+bool ph_config_is_local(const struct ph_config *c, const char *domain, size_t len);
+
+/*
+ * Parses a host list, "HOST[:PORT][,HOST[:PORT]...]" (blanks around the
+ * commas allowed): each HOST a host name (letters, digits, '-', '.'), an
+ * IPv4 address, or an IPv4 or IPv6 address in brackets ([192.0.2.1],
+ * [::1]:2526); PORT 1..65535, 25 when omitted. Fills out[0..count) (out
+ * may be NULL to only check) and returns the count (>= 1), or -1 with a
+ * reason in err: an empty list, more than max hosts, a bad host or port.
+ */
+int ph_hosts_parse(const char *hosts, struct ph_hostport *out, unsigned max, char *err,
+                   size_t errlen);
 
 #endif

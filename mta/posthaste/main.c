@@ -1,6 +1,7 @@
 /*
- * posthaste: the relay daemon. Accepts mail over SMTP and makes every message
- * durable in the spool before it says 250 (delivery comes with the relay).
+ * posthaste: the relay daemon. Accepts mail over SMTP, makes every message
+ * durable in the spool before it says 250, and delivers it (mta/relay): to
+ * the recipients' MX hosts, a route or the smarthost, or a local Maildir.
  *
  *   posthaste [--config FILE] [--listen HOST:PORT]... [--spool DIR]
  *             [--durability fsync|batch|none] [--workers N] [--hostname NAME]
@@ -24,6 +25,8 @@
 #include "core/log.h"
 #include "mta/posthaste/config.h"
 #include "mta/posthaste/queue_cmd.h"
+#include "mta/local/users.h"
+#include "mta/relay/relay.h"
 #include "mta/smtp/smtp_server.h"
 #include "net/net.h"
 #include "queue/spool.h"
@@ -31,6 +34,8 @@
 /* Per worker: the glue between the SMTP server's message sink and the spool. */
 struct ph_worker {
 	struct spool_worker *sw;
+	struct relay_worker *rw; /* NULL without delivery */
+	struct relay *relay;
 	const char *hostname;
 } cache_aligned;
 
@@ -39,6 +44,8 @@ struct ph_ctx {
 	char hostname[256]; /* ours, for the Received: header */
 	struct spool *spool;
 	struct smtp_server *srv;
+	struct relay *relay;
+	struct users *users;
 	struct ph_worker *workers;
 };
 
@@ -46,7 +53,16 @@ struct ph_ctx {
 struct ph_txn {
 	struct spool_txn *t;
 	struct smtp_session *s;
+	struct ph_worker *pw;
 	const char *hostname;
+	/* for the accounting log's reception line */
+	char msgid[200];
+	size_t msgid_len;
+	char sender[256];
+	size_t sender_len;
+	unsigned nrcpts;
+	uint64_t size;
+	char peer[48];
 };
 
 /*
@@ -100,6 +116,7 @@ static int sink_begin(void *ctx, struct smtp_session *s, void **txn_r)
 		return -err;
 	}
 	x->s = s;
+	x->pw = pw;
 	x->hostname = pw->hostname;
 	*txn_r = x;
 	return 0;
@@ -119,6 +136,9 @@ static void sink_done(void *arg, int res, uint64_t id)
 		char qid[17];
 		spool_id_format(id, qid);
 		snprintf(r.text, sizeof(r.text), "Ok: queued as %s", qid);
+		if (x->pw->rw)
+			relay_log_reception(x->pw->rw, id, x->msgid, x->msgid_len, x->sender,
+					    x->sender_len, x->nrcpts, x->size, x->peer);
 	} else if (res == -ENOSPC || res == -EDQUOT) {
 		r.code = 452;
 		r.enhanced = "4.3.1";
@@ -195,6 +215,16 @@ static int sink_end(void *txn, const struct smtp_envelope *env, struct smtp_txn_
 	};
 	struct spool_txn *t = x->t;
 	x->t = NULL;
+	if (x->pw->rw) {
+		struct iovec head[4];
+		unsigned nh = spool_txn_body_iov(t, head, 4);
+		x->msgid_len = relay_find_message_id(head, nh, x->msgid, sizeof(x->msgid));
+		x->sender_len = MIN(env->sender_len, sizeof(x->sender));
+		memcpy(x->sender, env->sender, x->sender_len);
+		x->nrcpts = env->nrcpts;
+		x->size = env->size;
+		snprintf(x->peer, sizeof(x->peer), "%s", peer);
+	}
 	char trace[1024];
 	size_t tlen = received_header(trace, sizeof(trace), env, peer, x->hostname,
 				      spool_txn_id(t));
@@ -219,11 +249,28 @@ static void sink_abort(void *txn)
 	free(x);
 }
 
+/* Local domains: unknown users are refused at RCPT time, not bounced later. */
+static unsigned sink_rcpt_check(void *ctx, const char *addr, size_t len, char *text, size_t cap)
+{
+	struct ph_worker *pw = ctx;
+	if (!pw->relay)
+		return 0;
+	const char *at = memrchr(addr, '@', len);
+	if (!at || !relay_local_domain(pw->relay, at + 1, (size_t)(addr + len - at - 1)))
+		return 0;
+	if (relay_local_user(pw->relay, addr, len))
+		return 0;
+	snprintf(text, cap, "5.1.1 <%.*s>: Recipient address rejected: User unknown",
+		 (int)MIN(len, (size_t)256), addr);
+	return 550;
+}
+
 static const struct smtp_sink_ops spool_sink = {
 	.txn_begin = sink_begin,
 	.txn_body = sink_body,
 	.txn_end = sink_end,
 	.txn_abort = sink_abort,
+	.rcpt_check = sink_rcpt_check,
 };
 
 static int worker_init(struct net_worker *w, void *arg)
@@ -235,27 +282,43 @@ static int worker_init(struct net_worker *w, void *arg)
 		return r;
 	c->workers[i].sw = spool_worker(c->spool, i);
 	c->workers[i].hostname = c->hostname;
+	if (c->relay) {
+		r = relay_worker_init(c->relay, w);
+		if (r < 0)
+			return r;
+		c->workers[i].rw = relay_worker(c->relay, i);
+		c->workers[i].relay = c->relay;
+	}
 	return smtp_server_worker_init(c->srv, w, &spool_sink, &c->workers[i]);
 }
 
 static void worker_turn_end(struct net_worker *w, void *arg)
 {
 	struct ph_ctx *c = arg;
-	spool_worker_turn_end(c->workers[net_worker_index(w)].sw);
+	struct ph_worker *pw = &c->workers[net_worker_index(w)];
+	if (pw->rw)
+		relay_worker_turn_end(pw->rw);
+	spool_worker_turn_end(pw->sw);
 }
 
 static void worker_fini(struct net_worker *w, void *arg)
 {
 	struct ph_ctx *c = arg;
-	spool_worker_fini(c->workers[net_worker_index(w)].sw);
+	struct ph_worker *pw = &c->workers[net_worker_index(w)];
+	if (pw->rw)
+		relay_worker_fini(pw->rw);
+	spool_worker_fini(pw->sw);
 }
 
 static void usage(FILE *f)
 {
 	fputs("usage: posthaste [--config FILE] [--listen HOST:PORT]... [--spool DIR]\n"
 	      "                 [--durability fsync|batch|none] [--workers N] [--hostname NAME]\n"
-	      "                 [--discard] [--log-level error|warning|info|debug] [--check-config]\n"
-	      "Accepts mail over SMTP into a durable spool. Without a file or flags it listens on\n"
+	      "                 [--route DOMAIN=HOST:PORT[,...]]... [--smarthost HOST:PORT[,...]]\n"
+	      "                 [--resolver IP:PORT] [--no-delivery] [--discard]\n"
+	      "                 [--log-level error|warning|info|debug] [--check-config]\n"
+	      "Accepts mail over SMTP into a durable spool and delivers it: by MX, a route or the\n"
+	      "smarthost, or to local Maildirs. Without a file or flags it listens on\n"
 	      "127.0.0.1:2525 with the spool in ./var/spool. --check-config prints the effective\n"
 	      "configuration and exits. See docs/configuration.md.\n"
 	      "       posthaste queue list [--json] | show ID   [--spool DIR | --config FILE]\n"
@@ -276,6 +339,10 @@ int main(int argc, char **argv)
 		{"workers", required_argument, NULL, 'w'},
 		{"hostname", required_argument, NULL, 'H'},
 		{"discard", no_argument, NULL, 'D'},
+		{"no-delivery", no_argument, NULL, 'N'},
+		{"route", required_argument, NULL, 'R'},
+		{"resolver", required_argument, NULL, 'r'},
+		{"smarthost", required_argument, NULL, 'S'},
 		{"log-level", required_argument, NULL, 'L'},
 		{"check-config", no_argument, NULL, 'C'},
 		{"help", no_argument, NULL, 'h'},
@@ -288,6 +355,7 @@ int main(int argc, char **argv)
 	const char *config_file = NULL;
 	bool check = false;
 	bool listen_flag = false;
+	char route_key[300];
 	/* the file first, then flags over it, whatever their order on the line */
 	int opt;
 	while ((opt = getopt_long(argc, argv, "", opts, NULL)) != -1) {
@@ -340,6 +408,30 @@ int main(int argc, char **argv)
 		case 'L':
 			key = "log_level";
 			break;
+		case 'N':
+			key = "delivery";
+			value = "no";
+			break;
+		case 'r':
+			key = "resolver";
+			break;
+		case 'S':
+			key = "smarthost";
+			break;
+		case 'R': {
+			/* DOMAIN=HOSTS, the key route.DOMAIN */
+			const char *eq = strchr(optarg, '=');
+			if (!eq || eq == optarg || eq - optarg > 250) {
+				fprintf(stderr, "posthaste: --route: expected DOMAIN=HOST:PORT[,...], "
+						"got '%s'\n", optarg);
+				return 1;
+			}
+			snprintf(route_key, sizeof(route_key), "route.%.*s", (int)(eq - optarg),
+				 optarg);
+			key = route_key;
+			value = eq + 1;
+			break;
+		}
 		case 'C':
 			check = true;
 			break;
@@ -409,6 +501,21 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	memset(ctx.workers, 0, sizeof(*ctx.workers) * nw);
+	if (ctx.cfg.users_file[0]) {
+		ctx.users = users_load(ctx.cfg.users_file, err, sizeof(err));
+		if (!ctx.users) {
+			fprintf(stderr, "posthaste: %s\n", err);
+			return 1;
+		}
+	}
+	if (!ctx.cfg.discard && ctx.cfg.delivery) {
+		ctx.relay = relay_new(&ctx.cfg, ctx.hostname, ctx.users, ctx.spool, nw, err,
+				      sizeof(err));
+		if (!ctx.relay) {
+			fprintf(stderr, "posthaste: %s\n", err);
+			return 1;
+		}
+	}
 	for (unsigned i = 0; i < ctx.cfg.nlisten; i++) {
 		int r = smtp_server_listen(ctx.srv, ctx.cfg.listen[i].host, ctx.cfg.listen[i].port);
 		if (r < 0) {
@@ -435,6 +542,16 @@ int main(int argc, char **argv)
 		 " failed, %" PRIu64 " queued",
 		 ss.messages, st.committed, st.writes, st.syncs, st.failed,
 		 spool_queued(ctx.spool));
+	if (ctx.relay) {
+		struct relay_stats rs;
+		relay_stats(ctx.relay, &rs);
+		log_info("posthaste: delivery: %" PRIu64 " recipients delivered, %" PRIu64
+			 " deferred attempts, %" PRIu64 " bounced, %" PRIu64 " bounces sent, %" PRIu64
+			 " connections",
+			 rs.delivered, rs.deferred, rs.bounced, rs.dsns, rs.connections);
+	}
+	relay_free(&ctx.relay);
+	users_free(&ctx.users);
 	smtp_server_free(&ctx.srv);
 	spool_close(&ctx.spool);
 	net_engine_free(&e);

@@ -711,6 +711,18 @@ static void do_rcpt(struct smtp_session *s, struct smtp_command *cmd)
 		reply_verdict(s, &v, "recipient refused");
 		return;
 	}
+	if (s->sw->sink->rcpt_check) {
+		char text[300];
+		text[0] = '\0';
+		unsigned code = s->sw->sink->rcpt_check(s->sw->sink_ctx, cmd->addr, cmd->addr_len,
+							text, sizeof(text));
+		if (code) {
+			char line[400];
+			int n = snprintf(line, sizeof(line), "%u %s\r\n", code, text);
+			reply_after(s, line, (size_t)MIN(n, (int)sizeof(line) - 1), 0, false);
+			return;
+		}
+	}
 	if (s->nrcpts == s->rcpt_cap) {
 		unsigned cap = s->rcpt_cap ? s->rcpt_cap * 2 : 8;
 		if (cap > s->srv->cfg.max_recipients)

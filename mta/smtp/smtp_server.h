@@ -99,6 +99,13 @@ struct smtp_sink_ops {
 	void (*txn_abort)(void *txn);
 	/* Optional: a verdict at each stage (fills *v; zeroed before the call). */
 	void (*verdict)(void *ctx, enum smtp_stage stage, struct smtp_verdict *v);
+	/*
+	 * Optional: a check of each recipient (after its syntax and the verdict):
+	 * 0 accepts it; else the reply code, with the reply's text written to
+	 * text (cap octets, NUL-terminated), e.g. "5.1.1 <bob@example.com>:
+	 * Recipient address rejected: User unknown".
+	 */
+	unsigned (*rcpt_check)(void *ctx, const char *addr, size_t len, char *text, size_t cap);
 };
 
 struct smtp_server_config {

@@ -6,8 +6,11 @@
  * helper (whose results must format and parse back to themselves), and by
  * ph_config_load_buffer over the defaults. Both must agree on success, every
  * error must name the file, and a configuration that loaded must print as a
- * file that loads back to an equal configuration.
+ * file that loads back to an equal configuration (the same listeners, and
+ * every octet after them equal). Every value also goes to ph_hosts_parse, and
+ * the delivery helpers must find each route, destination and local domain.
  */
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -17,6 +20,29 @@
 #include "mta/posthaste/config.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+static void fuzz_hosts(const char *v)
+{
+	struct ph_hostport hp[PH_HOSTS_MAX];
+	char err[256];
+	int n;
+
+	err[0] = '\0';
+	n = ph_hosts_parse(v, hp, PH_HOSTS_MAX, err, sizeof(err));
+	if (n < 0) {
+		if (n != -1 || !err[0])
+			abort();
+		return;
+	}
+	if (n < 1 || n > PH_HOSTS_MAX ||
+	    ph_hosts_parse(v, NULL, PH_HOSTS_MAX, err, sizeof(err)) != n)
+		abort();
+	for (int i = 0; i < n; i++)
+		if (!hp[i].host[0] ||
+		    strnlen(hp[i].host, sizeof(hp[i].host)) == sizeof(hp[i].host) ||
+		    hp[i].port == 0 || strpbrk(hp[i].host, " ,[]"))
+			abort();
+}
 
 static void fuzz_helpers(const char *v)
 {
@@ -42,6 +68,7 @@ static void fuzz_helpers(const char *v)
 	}
 	if (config_bool(v, &b, err, sizeof(err)) != 0 && !err[0])
 		abort();
+	fuzz_hosts(v);
 	if (config_uint(v, 3, 1000, &u, err, sizeof(err)) == 0 && (u < 3 || u > 1000))
 		abort();
 	if (config_hostport(v, host, sizeof(host), &port, err, sizeof(err)) == 0) {
@@ -80,21 +107,35 @@ static int fuzz_entry(void *arg, const char *key, const char *value, unsigned li
 
 static bool fuzz_equal(const struct ph_config *a, const struct ph_config *b)
 {
+	size_t tail = offsetof(struct ph_config, nlisten);
+
 	if (a->nlisten != b->nlisten)
 		return false;
 	for (unsigned i = 0; i < a->nlisten; i++)
 		if (strcmp(a->listen[i].host, b->listen[i].host) != 0 ||
 		    a->listen[i].port != b->listen[i].port)
 			return false;
-	return strcmp(a->spool_dir, b->spool_dir) == 0 && a->durability == b->durability &&
-	       a->batch_interval_ms == b->batch_interval_ms && a->workers == b->workers &&
-	       strcmp(a->hostname, b->hostname) == 0 &&
-	       a->message_size_limit == b->message_size_limit &&
-	       a->recipient_limit == b->recipient_limit &&
-	       a->command_timeout_ms == b->command_timeout_ms &&
-	       a->data_timeout_ms == b->data_timeout_ms && a->spool_reserve == b->spool_reserve &&
-	       strcmp(a->control_socket, b->control_socket) == 0 && a->discard == b->discard &&
-	       a->log_level == b->log_level && a->max_queue_age_ms == b->max_queue_age_ms;
+	return memcmp((const char *)a + tail, (const char *)b + tail, sizeof(*a) - tail) == 0;
+}
+
+/* The delivery helpers find what the configuration holds. */
+static void fuzz_lookups(const struct ph_config *c)
+{
+	const char *p = c->local_domains;
+
+	for (unsigned i = 0; i < c->nroutes; i++)
+		if (ph_config_route_for(c, c->routes[i].domain) != c->routes[i].hosts)
+			abort();
+	for (unsigned i = 0; i < c->ndests; i++)
+		if (ph_config_limits_for(c, c->dests[i].domain) != &c->dests[i].lim)
+			abort();
+	while (*p) {
+		size_t n = strcspn(p, ",");
+
+		if (n == 0 || !ph_config_is_local(c, p, n))
+			abort();
+		p += n + (p[n] == ',');
+	}
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
@@ -133,6 +174,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	chk = ph_config_check(&c, err, sizeof(err));
 	if (chk != 0 && (chk != -1 || !err[0]))
 		abort();
+	fuzz_lookups(&c);
 
 	f = open_memstream(&out, &outlen);
 	if (!f)

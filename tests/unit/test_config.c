@@ -499,8 +499,15 @@ static void test_format(void **state)
 
 /* ---- ph_config ---- */
 
+/*
+ * Equal configurations: the same listeners, and every octet after the
+ * listeners equal (ph_config_set writes strings, lists and rates so that
+ * loading the same keys gives the same octets, padding included).
+ */
 static bool ph_equal(const struct ph_config *a, const struct ph_config *b)
 {
+	size_t tail = offsetof(struct ph_config, nlisten);
+
 	if (a->nlisten != b->nlisten)
 		return false;
 	for (unsigned i = 0; i < a->nlisten; i++)
@@ -515,11 +522,15 @@ static bool ph_equal(const struct ph_config *a, const struct ph_config *b)
 	       a->command_timeout_ms == b->command_timeout_ms &&
 	       a->data_timeout_ms == b->data_timeout_ms && a->spool_reserve == b->spool_reserve &&
 	       strcmp(a->control_socket, b->control_socket) == 0 && a->discard == b->discard &&
-	       a->log_level == b->log_level && a->max_queue_age_ms == b->max_queue_age_ms;
+	       a->log_level == b->log_level && a->max_queue_age_ms == b->max_queue_age_ms &&
+	       memcmp((const char *)a + tail, (const char *)b + tail, sizeof(*a) - tail) == 0;
 }
 
-/* The configuration as ph_config_print writes it (caller frees). */
-static char *ph_printed(const struct ph_config *c)
+/*
+ * The configuration as ph_config_print writes it (caller frees). Not inlined:
+ * GCC 12 then takes its result for a pointer to its local (-Wdangling-pointer).
+ */
+__attribute__((noinline)) static char *ph_printed(const struct ph_config *c)
 {
 	char *out = NULL;
 	size_t len = 0;
@@ -530,6 +541,25 @@ static char *ph_printed(const struct ph_config *c)
 	assert_int_equal(fclose(f), 0);
 	return out;
 }
+
+#define DELIVERY_DEFAULTS_PRINTED                                                                  \
+	"resolver = \"\" # the system's resolv.conf\n"                                             \
+	"smarthost = \"\" # none: deliver by MX\n"                                                 \
+	"# route.DOMAIN = HOSTS: none\n"                                                           \
+	"local_domains = \"\" # none\n"                                                            \
+	"users_file = \"\" # none\n"                                                               \
+	"mailbox_root = ./var/mail\n"                                                              \
+	"accounting_log = ./var/log/accounting.jsonl\n"                                            \
+	"retry_min = 5m\n"                                                                         \
+	"retry_max = 1h\n"                                                                         \
+	"connect_timeout = 30s\n"                                                                  \
+	"delivery_active_max = 10000\n"                                                            \
+	"delivery_concurrency = 20\n"                                                              \
+	"delivery_rate = unlimited\n"                                                              \
+	"delivery_connection_rate = unlimited\n"                                                   \
+	"delivery_messages_per_connection = 100\n"                                                 \
+	"delivery_idle_timeout = 5s\n"                                                             \
+	"# destination.DOMAIN = LIMITS: none\n"
 
 static const char default_printed[] = "# posthaste: the effective configuration\n"
                                       "listen = 127.0.0.1:2525\n"
@@ -545,8 +575,9 @@ static const char default_printed[] = "# posthaste: the effective configuration\
                                       "spool_reserve = 256M\n"
                                       "control_socket = \"\" # ./var/spool/control.sock\n"
                                       "discard = no\n"
+                                      "delivery = yes\n"
                                       "log_level = info\n"
-                                      "max_queue_age = 5d\n";
+                                      "max_queue_age = 5d\n" DELIVERY_DEFAULTS_PRINTED;
 
 static void test_ph_defaults(void **state)
 {
@@ -573,6 +604,25 @@ static void test_ph_defaults(void **state)
 	assert_false(c.discard);
 	assert_int_equal(c.log_level, LOG_INFO);
 	assert_int_equal(c.max_queue_age_ms, 5ull * 86400000);
+	assert_string_equal(c.resolver, "");
+	assert_string_equal(c.smarthost, "");
+	assert_int_equal(c.nroutes, 0);
+	assert_string_equal(c.local_domains, "");
+	assert_string_equal(c.users_file, "");
+	assert_string_equal(c.mailbox_root, "./var/mail");
+	assert_int_equal(c.limits.concurrency, 20);
+	assert_int_equal(c.limits.msg_rate.count, 0);
+	assert_int_equal(c.limits.msg_rate.per_ms, 0);
+	assert_int_equal(c.limits.conn_rate.count, 0);
+	assert_int_equal(c.limits.conn_rate.per_ms, 0);
+	assert_int_equal(c.limits.msgs_per_conn, 100);
+	assert_int_equal(c.limits.idle_timeout_ms, 5000);
+	assert_int_equal(c.ndests, 0);
+	assert_int_equal(c.retry_min_ms, 300000);
+	assert_int_equal(c.retry_max_ms, 3600000);
+	assert_int_equal(c.connect_timeout_ms, 30000);
+	assert_string_equal(c.accounting_log, "./var/log/accounting.jsonl");
+	assert_int_equal(c.delivery_active_max, 10000);
 	assert_int_equal(ph_config_check(&c, err, sizeof(err)), 0);
 
 	/* every octet is written: two defaults compare equal with memcmp */
@@ -593,6 +643,11 @@ struct set_case {
 };
 
 #define SIZE_MAX_STR "18446744073709551615"
+#define DOMAIN_HINT  "(letters, digits, '-' and '.')"
+#define RATE_HINT                                                                                  \
+	"(expected COUNT/UNIT such as 100/s or 5000/h, COUNT/DURATION such as 10/5s, or "          \
+	"unlimited)"
+#define LIMIT_NAMES "concurrency, rate, connection_rate, messages_per_connection or idle_timeout"
 
 static const struct set_case set_cases[] = {
     {"listen", "[::1]:25", "listen = 127.0.0.1:2525\nlisten = [::1]:25\n", NULL},
@@ -667,6 +722,7 @@ static const struct set_case set_cases[] = {
      "890123456789abcdefg",
      NULL, "control_socket: longer than 107 octets"},
     {"discard", "yes", "discard = yes\n", NULL},
+    {"delivery", "no", "delivery = no\n", NULL},
     {"discard", "off", "discard = no\n", NULL},
     {"discard", "maybe", NULL, "discard: invalid boolean 'maybe' " BOOL_HINT},
     {"log_level", "debug", "log_level = debug\n", NULL},
@@ -680,11 +736,146 @@ static const struct set_case set_cases[] = {
     {"foo", "1", NULL, "unknown key 'foo'"},
     {"spool-dir", "1", NULL, "unknown key 'spool-dir'"},
     {"", "1", NULL, "unknown key ''"},
-    {"route", "x", NULL, "'route' is not supported yet (reserved for a later version)"},
-    {"smarthost", "x", NULL, "'smarthost' is not supported yet (reserved for a later version)"},
-    {"resolver", "x", NULL, "'resolver' is not supported yet (reserved for a later version)"},
-    {"local_domains", "x", NULL,
-     "'local_domains' is not supported yet (reserved for a later version)"},
+    /* delivery */
+    {"resolver", "127.0.0.1:5353", "resolver = 127.0.0.1:5353\n", NULL},
+    {"resolver", "127.0.0.1:53 , [::1]:53", "resolver = 127.0.0.1:53,[::1]:53\n", NULL},
+    {"Resolver", "[2001:db8::53]:5353", "resolver = [2001:db8::53]:5353\n", NULL},
+    {"resolver", "", "resolver = \"\" # the system's resolv.conf\n", NULL},
+    {"resolver", "  ", "resolver = \"\" # the system's resolv.conf\n", NULL},
+    {"resolver", "127.0.0.1", NULL,
+     "resolver: invalid address '127.0.0.1' (expected HOST:PORT, [IPV6]:PORT or :PORT)"},
+    {"resolver", "::1:53", NULL,
+     "resolver: invalid address '::1:53' (an IPv6 address goes in brackets: [::1]:25)"},
+    {"resolver", "ns.example.org:53", NULL,
+     "resolver: 'ns.example.org' is not an IPv4 or IPv6 address"},
+    {"resolver", ":53", NULL, "resolver: ':53' is not IP:PORT"},
+    {"resolver", "127.0.0.1:0", NULL, "resolver: '127.0.0.1:0': port 0"},
+    {"resolver", "127.0.0.1:53,,[::1]:53", NULL, "resolver: empty entry in the list"},
+    {"resolver", "127.0.0.1:53,", NULL, "resolver: empty entry in the list"},
+    {"smarthost", "[127.0.0.1]:2526", "smarthost = [127.0.0.1]:2526\n", NULL},
+    {"smarthost", "mx1.example.org , mx2.example.org:587",
+     "smarthost = mx1.example.org,mx2.example.org:587\n", NULL},
+    {"smarthost", "", "smarthost = \"\" # none: deliver by MX\n", NULL},
+    {"smarthost", "mx example", NULL,
+     "smarthost: 'mx example': 'mx example' is not a host name " DOMAIN_HINT " or an IP address"},
+    {"smarthost", "[mx.example.org]:25", NULL,
+     "smarthost: '[mx.example.org]:25': 'mx.example.org' is not an IPv4 or IPv6 address"},
+    {"smarthost", "mx.example.org:0", NULL,
+     "smarthost: 'mx.example.org:0': invalid port (1 to 65535)"},
+    {"smarthost", "a,", NULL, "smarthost: empty entry in the host list"},
+    {"route.example.com", "[127.0.0.1]:2526,[::1]:2526",
+     "route.example.com = [127.0.0.1]:2526,[::1]:2526\n", NULL},
+    {"ROUTE.Example.COM", "mx.example.net", "route.example.com = mx.example.net\n", NULL},
+    {"route.a-b.test", " 192.0.2.1 , mx:2525 ", "route.a-b.test = 192.0.2.1,mx:2525\n", NULL},
+    {"route.example.com", "", NULL, "route.example.com: no host given"},
+    {"route.example.com", "::1", NULL,
+     "route.example.com: '::1': an IPv6 address goes in brackets ([::1] or [::1]:25)"},
+    {"route.example.com", "[::1]25", NULL,
+     "route.example.com: '[::1]25': expected ':PORT' after ']'"},
+    {"route.example_com", "a", NULL, "route.example_com: not a domain name " DOMAIN_HINT},
+    {"route.", "a", NULL, "route.: not a domain name " DOMAIN_HINT},
+    {"route.a..b", "a", NULL, "route.a..b: not a domain name " DOMAIN_HINT},
+    {"route.a.", "a", NULL, "route.a.: not a domain name " DOMAIN_HINT},
+    {"route", "a", NULL, "'route': the domain goes in the key: route.DOMAIN"},
+    {"local_domains", "a.test, B.test", "local_domains = a.test,b.test\n", NULL},
+    {"local_domains", " a.test  b.test,,A.TEST ,", "local_domains = a.test,b.test\n", NULL},
+    {"local_domains", "", "local_domains = \"\" # none\n", NULL},
+    {"local_domains", " , ", "local_domains = \"\" # none\n", NULL},
+    {"local_domains", "a.test,b_c.test", NULL,
+     "local_domains: 'b_c.test' is not a domain name " DOMAIN_HINT},
+    {"local_domains", "a.test;b.test", NULL,
+     "local_domains: 'a.test;b.test' is not a domain name " DOMAIN_HINT},
+    {"users_file", "/etc/posthaste/users", "users_file = /etc/posthaste/users\n", NULL},
+    {"users_file", "", "users_file = \"\" # none\n", NULL},
+    {"users_file", "a\tb", NULL, "users_file: contains a control character"},
+    {"mailbox_root", "/var/mail", "mailbox_root = /var/mail\n", NULL},
+    {"mailbox_root", "", NULL, "mailbox_root: must not be empty"},
+    {"accounting_log", "none", "accounting_log = none\n", NULL},
+    {"accounting_log", "-", "accounting_log = -\n", NULL},
+    {"accounting_log", "", NULL, "accounting_log: must not be empty"},
+    {"retry_min", "10ms", "retry_min = 10ms\n", NULL},
+    {"retry_min", "1d", "retry_min = 1d\n", NULL},
+    {"retry_min", "9ms", NULL, "retry_min: 9ms is out of range (10ms to 1d)"},
+    {"retry_max", "2h", "retry_max = 2h\n", NULL},
+    {"retry_max", "8d", NULL, "retry_max: 8d is out of range (10ms to 7d)"},
+    {"connect_timeout", "10s", "connect_timeout = 10s\n", NULL},
+    {"connect_timeout", "0", NULL, "connect_timeout: 0s is out of range (1ms to 1d)"},
+    {"delivery_active_max", "1", "delivery_active_max = 1\n", NULL},
+    {"delivery_active_max", "0", NULL,
+     "delivery_active_max: number '0' is out of range (1 to 1000000)"},
+    {"delivery_concurrency", "10000", "delivery_concurrency = 10000\n", NULL},
+    {"delivery_concurrency", "10001", NULL,
+     "delivery_concurrency: number '10001' is out of range (1 to 10000)"},
+    {"delivery_rate", "100/s", "delivery_rate = 100/s\n", NULL},
+    {"delivery_rate", "5000/h", "delivery_rate = 5000/h\n", NULL},
+    {"delivery_rate", "10/m", "delivery_rate = 10/m\n", NULL},
+    {"delivery_rate", "50/d", "delivery_rate = 50/d\n", NULL},
+    {"delivery_rate", "3/250ms", "delivery_rate = 3/250ms\n", NULL},
+    {"delivery_rate", "10/5s", "delivery_rate = 10/5s\n", NULL},
+    {"delivery_rate", "7/1000ms", "delivery_rate = 7/s\n", NULL},
+    {"delivery_rate", "7/60s", "delivery_rate = 7/m\n", NULL},
+    {"delivery_rate", "1/ms", "delivery_rate = 1/1ms\n", NULL},
+    {"delivery_rate", "4294967295/365d", "delivery_rate = 4294967295/365d\n", NULL},
+    {"delivery_rate", "0", "delivery_rate = unlimited\n", NULL},
+    {"delivery_rate", "UNLIMITED", "delivery_rate = unlimited\n", NULL},
+    {"delivery_rate", "0/s", "delivery_rate = unlimited\n", NULL},
+    {"delivery_rate", "4294967296/s", NULL,
+     "delivery_rate: rate '4294967296/s': count above 4294967295"},
+    {"delivery_rate", "10/0s", NULL,
+     "delivery_rate: rate '10/0s': the period 0s is out of range (1ms to 365d)"},
+    {"delivery_rate", "1/366d", NULL,
+     "delivery_rate: rate '1/366d': the period 366d is out of range (1ms to 365d)"},
+    {"delivery_rate", "10", NULL, "delivery_rate: invalid rate '10' " RATE_HINT},
+    {"delivery_rate", "10/5", NULL, "delivery_rate: invalid rate '10/5' " RATE_HINT},
+    {"delivery_rate", "/s", NULL, "delivery_rate: invalid rate '/s' " RATE_HINT},
+    {"delivery_rate", "10/", NULL, "delivery_rate: invalid rate '10/' " RATE_HINT},
+    {"delivery_rate", "10/w", NULL, "delivery_rate: invalid rate '10/w' " RATE_HINT},
+    {"delivery_rate", "10/S", NULL, "delivery_rate: invalid rate '10/S' " RATE_HINT},
+    {"delivery_rate", "10 /s", NULL, "delivery_rate: invalid rate '10 /s' " RATE_HINT},
+    {"delivery_rate", "-1/s", NULL, "delivery_rate: invalid rate '-1/s' " RATE_HINT},
+    {"delivery_rate", "1/1/s", NULL, "delivery_rate: invalid rate '1/1/s' " RATE_HINT},
+    {"delivery_connection_rate", "10/s", "delivery_connection_rate = 10/s\n", NULL},
+    {"delivery_connection_rate", "fast", NULL,
+     "delivery_connection_rate: invalid rate 'fast' " RATE_HINT},
+    {"delivery_messages_per_connection", "1", "delivery_messages_per_connection = 1\n", NULL},
+    {"delivery_messages_per_connection", "1000001", NULL,
+     "delivery_messages_per_connection: number '1000001' is out of range (1 to 1000000)"},
+    {"delivery_idle_timeout", "250ms", "delivery_idle_timeout = 250ms\n", NULL},
+    {"delivery_idle_timeout", "0", NULL, "delivery_idle_timeout: 0s is out of range (1ms to 1d)"},
+    {"destination.example.com",
+     "concurrency=2 rate=100/s connection_rate=10/s messages_per_connection=50 idle_timeout=2s",
+     "destination.example.com = concurrency=2 rate=100/s connection_rate=10/s "
+     "messages_per_connection=50 idle_timeout=2s\n",
+     NULL},
+    {"Destination.B.Test", "rate=3/250ms",
+     "destination.b.test = concurrency=20 rate=3/250ms connection_rate=unlimited "
+     "messages_per_connection=100 idle_timeout=5s\n",
+     NULL},
+    {"destination.b.test", "",
+     "destination.b.test = concurrency=20 rate=unlimited connection_rate=unlimited "
+     "messages_per_connection=100 idle_timeout=5s\n",
+     NULL},
+    {"destination.b.test", " CONCURRENCY=3\tconcurrency=4 ",
+     "destination.b.test = concurrency=4 rate=unlimited", NULL},
+    {"destination.b.test", "concurrency=0", NULL,
+     "destination.b.test: concurrency: number '0' is out of range (1 to 10000)"},
+    {"destination.b.test", "rate=fast", NULL,
+     "destination.b.test: rate: invalid rate 'fast' " RATE_HINT},
+    {"destination.b.test", "idle_timeout=0", NULL,
+     "destination.b.test: idle_timeout: 0s is out of range (1ms to 1d)"},
+    {"destination.b.test", "messages_per_connection=", NULL,
+     "destination.b.test: messages_per_connection: invalid number '' (expected decimal digits)"},
+    {"destination.b.test", "speed=1", NULL,
+     "destination.b.test: unknown limit 'speed' (" LIMIT_NAMES ")"},
+    {"destination.b.test", "concurrency", NULL,
+     "destination.b.test: 'concurrency' is not NAME=VALUE (NAME: " LIMIT_NAMES ")"},
+    {"destination.b.test", "=3", NULL,
+     "destination.b.test: '=3' is not NAME=VALUE (NAME: " LIMIT_NAMES ")"},
+    {"destination.b.test", "concurrency = 3", NULL,
+     "destination.b.test: 'concurrency' is not NAME=VALUE (NAME: " LIMIT_NAMES ")"},
+    {"destination.b_test", "", NULL, "destination.b_test: not a domain name " DOMAIN_HINT},
+    {"destination", "concurrency=1", NULL,
+     "'destination': the domain goes in the key: destination.DOMAIN"},
     {"mynetworks", "x", NULL, "'mynetworks' is not supported yet (reserved for a later version)"},
     {"TLS_CERT", "x", NULL, "'tls_cert' is not supported yet (reserved for a later version)"},
     {"tls_key", "x", NULL, "'tls_key' is not supported yet (reserved for a later version)"},
@@ -795,6 +986,272 @@ static void test_ph_long_spool_dir(void **state)
 	free(v);
 }
 
+/* ---- delivery: host lists, helpers, limits ---- */
+
+/* ph_hosts_parse: each host as "HOST PORT L|-" (L: literal), separated by '|'. */
+static void test_ph_hosts_parse(void **state)
+{
+	static const struct {
+		const char *in;
+		unsigned max; /* 0: PH_HOSTS_MAX */
+		const char *want;
+		const char *err;
+	} cases[] = {
+	    {"mx.example.org", 0, "mx.example.org 25 -", NULL},
+	    {"mx.example.org:2525", 0, "mx.example.org 2525 -", NULL},
+	    {"[127.0.0.1]:2526,[::1]:2526", 0, "127.0.0.1 2526 L|::1 2526 L", NULL},
+	    {"[::1]", 0, "::1 25 L", NULL},
+	    {"[192.0.2.1]", 0, "192.0.2.1 25 L", NULL},
+	    {"192.0.2.1", 0, "192.0.2.1 25 L", NULL},
+	    {"192.0.2.1:65535", 0, "192.0.2.1 65535 L", NULL},
+	    {" a , b:1 ,\tc ", 0, "a 25 -|b 1 -|c 25 -", NULL},
+	    {"A-1.Example.ORG:00025", 0, "A-1.Example.ORG 25 -", NULL},
+	    {"1.2.3", 0, "1.2.3 25 -", NULL}, /* a (numeric) host name, not an address */
+	    {"a,b,c", 3, "a 25 -|b 25 -|c 25 -", NULL},
+	    {"a,b,c,d", 3, NULL, "more than 3 hosts"},
+	    {"", 0, NULL, "no host given"},
+	    {"  ", 0, NULL, "no host given"},
+	    {",", 0, NULL, "empty entry in the host list"},
+	    {"a,,b", 0, NULL, "empty entry in the host list"},
+	    {"a, ", 0, NULL, "empty entry in the host list"},
+	    {":25", 0, NULL, "':25': empty host"},
+	    {"a:", 0, NULL, "'a:': invalid port (1 to 65535)"},
+	    {"a:0", 0, NULL, "'a:0': invalid port (1 to 65535)"},
+	    {"a:65536", 0, NULL, "'a:65536': invalid port (1 to 65535)"},
+	    {"a:100000", 0, NULL, "'a:100000': invalid port (1 to 65535)"},
+	    {"a:2x", 0, NULL, "'a:2x': invalid port (1 to 65535)"},
+	    {"a:-1", 0, NULL, "'a:-1': invalid port (1 to 65535)"},
+	    {"::1", 0, NULL, "'::1': an IPv6 address goes in brackets ([::1] or [::1]:25)"},
+	    {"[::1", 0, NULL, "'[::1': no closing ']'"},
+	    {"[::1]x", 0, NULL, "'[::1]x': expected ':PORT' after ']'"},
+	    {"[::1]:", 0, NULL, "'[::1]:': invalid port (1 to 65535)"},
+	    {"[]", 0, NULL, "'[]': '' is not an IPv4 or IPv6 address"},
+	    {"[fe80::1%eth0]", 0, NULL,
+	     "'[fe80::1%eth0]': 'fe80::1%eth0' is not an IPv4 or IPv6 address"},
+	    {"[mx.example.org]", 0, NULL,
+	     "'[mx.example.org]': 'mx.example.org' is not an IPv4 or IPv6 address"},
+	    {"a b", 0, NULL, "'a b': 'a b' is not a host name " DOMAIN_HINT " or an IP address"},
+	    {"a_b:25", 0, NULL,
+	     "'a_b:25': 'a_b' is not a host name " DOMAIN_HINT " or an IP address"},
+	    {".a", 0, NULL, "'.a': '.a' is not a host name " DOMAIN_HINT " or an IP address"},
+	    {"a..b", 0, NULL, "'a..b': 'a..b' is not a host name " DOMAIN_HINT " or an IP address"},
+	    {"a#b", 0, NULL, "'a#b': 'a#b' is not a host name " DOMAIN_HINT " or an IP address"},
+	    {"0123456789012345678901234567890123456789012345678901234567890123.x", 0, NULL,
+	     "'0123456789012345678901234567890123456789012345678901234567890123': "
+	     "'0123456789012345678901234567890123456789012345678901234567890123' is not a host "
+	     "name " DOMAIN_HINT " or an IP address"},
+	};
+
+	for (size_t i = 0; i < ARRAY_SIZE(cases); i++) {
+		struct ph_hostport hp[PH_HOSTS_MAX];
+		char name[160], err[256] = "", got[1024] = "";
+		unsigned max = cases[i].max ? cases[i].max : PH_HOSTS_MAX;
+		int n = ph_hosts_parse(cases[i].in, hp, max, err, sizeof(err));
+
+		snprintf(name, sizeof(name), "ph_hosts_parse('%s')", cases[i].in);
+		expect_rc(name, cases[i].err ? -1 : 0, n < 0 ? -1 : 0, err);
+		if (cases[i].err) {
+			expect_str(name, "error", cases[i].err, err);
+			continue;
+		}
+		for (int j = 0; j < n; j++) {
+			char one[300];
+
+			snprintf(one, sizeof(one), "%s%.255s %u %s", j ? "|" : "", hp[j].host,
+			         hp[j].port, hp[j].literal ? "L" : "-");
+			assert_true(strlen(got) + strlen(one) < sizeof(got));
+			strcat(got, one);
+		}
+		expect_str(name, "hosts", cases[i].want, got);
+		/* the same count without an output array */
+		assert_int_equal(ph_hosts_parse(cases[i].in, NULL, max, err, sizeof(err)), n);
+	}
+}
+
+/* A host list of 16 entries is accepted by the configuration; 17 are not. */
+static void test_ph_hosts_max(void **state)
+{
+	struct ph_config c;
+	char v[1024], err[256];
+
+	ph_config_default(&c);
+	v[0] = '\0';
+	for (unsigned i = 0; i < PH_HOSTS_MAX; i++)
+		snprintf(v + strlen(v), sizeof(v) - strlen(v), "%sh%u", i ? "," : "", i);
+	assert_int_equal(ph_config_set(&c, "smarthost", v, err, sizeof(err)), 0);
+	assert_int_equal(ph_config_set(&c, "route.a.test", v, err, sizeof(err)), 0);
+	strcat(v, ",h16");
+	assert_int_equal(ph_config_set(&c, "smarthost", v, err, sizeof(err)), -1);
+	assert_string_equal(err, "smarthost: more than 16 hosts");
+	assert_int_equal(ph_config_set(&c, "route.a.test", v, err, sizeof(err)), -1);
+	assert_string_equal(err, "route.a.test: more than 16 hosts");
+
+	/* a list that would not fit the field: 16 long names */
+	v[0] = '\0';
+	for (unsigned i = 0; i < PH_HOSTS_MAX; i++)
+		snprintf(v + strlen(v), sizeof(v) - strlen(v), "%s%032u", i ? "," : "", i);
+	assert_int_equal(ph_config_set(&c, "smarthost", v, err, sizeof(err)), -1);
+	assert_string_equal(err, "smarthost: longer than 511 octets");
+	assert_int_equal(ph_config_check(&c, err, sizeof(err)), 0);
+}
+
+/* resolver and local_domains: as long as their fields (and a configuration line) allow. */
+static void test_ph_long_lists(void **state)
+{
+	struct ph_config c, again;
+	char *v = malloc(8192), err[256], *out;
+	const char *line;
+	size_t n;
+
+	assert_non_null(v);
+	ph_config_default(&c);
+	/* 17 x "[1:2:3:4:5:6:7:8]:53," = 357 octets */
+	v[0] = '\0';
+	for (unsigned i = 0; i < 17; i++)
+		strcat(v, i ? ",[1:2:3:4:5:6:7:8]:53" : "[1:2:3:4:5:6:7:8]:53");
+	assert_int_equal(ph_config_set(&c, "resolver", v, err, sizeof(err)), -1);
+	assert_string_equal(err, "resolver: longer than 255 octets");
+	v[12 * 21 - 1] = '\0'; /* 12 entries: 251 octets */
+	assert_int_equal(ph_config_set(&c, "resolver", v, err, sizeof(err)), 0);
+	assert_string_equal(c.resolver, v);
+
+	/* local_domains: "local_domains = " + the list must fit in 4096 octets */
+	n = 0;
+	v[0] = '\0';
+	for (unsigned k = 0; n < 4080; k++) /* "d0000.test", 371 of them */
+		n += (size_t)sprintf(v + n, "%sd%04u.test", k ? "," : "", k);
+	assert_int_equal(n, 4080);
+	strcat(v, ",b"); /* 4082 octets */
+	assert_int_equal(ph_config_set(&c, "local_domains", v, err, sizeof(err)), -1);
+	assert_string_equal(
+	    err, "local_domains: too long to be written on one configuration line (4096 octets)");
+	strcpy(v + 4080, ", D0000.TEST  d0001.test"); /* repeated names are dropped */
+	assert_int_equal(ph_config_set(&c, "local_domains", v, err, sizeof(err)), 0);
+	v[4080] = '\0';
+	assert_string_equal(c.local_domains, v);
+	assert_int_equal(ph_config_set(&c, "users_file", "/u", err, sizeof(err)), 0);
+	assert_int_equal(ph_config_check(&c, err, sizeof(err)), 0);
+	out = ph_printed(&c);
+	line = strstr(out, "\nlocal_domains = d0000.test,");
+	assert_non_null(line);
+	assert_int_equal(strcspn(line + 1, "\n"), CONFIG_LINE_MAX);
+	ph_config_default(&again);
+	assert_int_equal(
+	    ph_config_load_buffer(&again, "printed", out, strlen(out), err, sizeof(err)), 0);
+	assert_true(ph_equal(&c, &again));
+	free(out);
+	free(v);
+}
+
+/* route.DOMAIN and destination.DOMAIN: the same domain replaces; at most 64 domains. */
+static void test_ph_route_dest_limits(void **state)
+{
+	struct ph_config c, before;
+	char key[64], err[256];
+
+	ph_config_default(&c);
+	for (unsigned i = 0; i < PH_ROUTE_MAX; i++) {
+		snprintf(key, sizeof(key), "route.d%u.test", i);
+		assert_int_equal(ph_config_set(&c, key, "mx.test", err, sizeof(err)), 0);
+		snprintf(key, sizeof(key), "destination.d%u.test", i);
+		assert_int_equal(ph_config_set(&c, key, "concurrency=1", err, sizeof(err)), 0);
+	}
+	assert_int_equal(c.nroutes, PH_ROUTE_MAX);
+	assert_int_equal(c.ndests, PH_DEST_MAX);
+	memcpy(&before, &c, sizeof(c));
+	assert_int_equal(ph_config_set(&c, "route.new.test", "mx.test", err, sizeof(err)), -1);
+	assert_string_equal(err, "route.new.test: more than 64 routes");
+	assert_int_equal(ph_config_set(&c, "destination.new.test", "", err, sizeof(err)), -1);
+	assert_string_equal(err, "destination.new.test: more than 64 destinations");
+	assert_memory_equal(&c, &before, sizeof(c));
+
+	/* replacing still works when full, in place */
+	assert_int_equal(ph_config_set(&c, "Route.D7.Test", "[::1]:2526", err, sizeof(err)), 0);
+	assert_int_equal(c.nroutes, PH_ROUTE_MAX);
+	assert_string_equal(c.routes[7].domain, "d7.test");
+	assert_string_equal(c.routes[7].hosts, "[::1]:2526");
+	assert_int_equal(ph_config_set(&c, "destination.d7.test", "rate=1/s", err, sizeof(err)), 0);
+	assert_int_equal(c.ndests, PH_DEST_MAX);
+	assert_int_equal(c.dests[7].lim.concurrency, 20); /* replaced, not merged */
+	assert_int_equal(c.dests[7].lim.msg_rate.count, 1);
+	assert_int_equal(c.dests[7].lim.msg_rate.per_ms, 1000);
+	assert_int_equal(ph_config_check(&c, err, sizeof(err)), 0);
+
+	/* a replaced entry is written over completely: equal to one set once */
+	ph_config_default(&c);
+	ph_config_default(&before);
+	assert_int_equal(
+	    ph_config_set(&c, "route.a.test", "a-much-longer-name.example:2525", err, sizeof(err)),
+	    0);
+	assert_int_equal(ph_config_set(&c, "route.a.test", "b", err, sizeof(err)), 0);
+	assert_int_equal(ph_config_set(&before, "route.a.test", "b", err, sizeof(err)), 0);
+	assert_int_equal(ph_config_set(&c, "destination.a.test", "rate=3/s", err, sizeof(err)), 0);
+	assert_int_equal(ph_config_set(&c, "destination.a.test", "", err, sizeof(err)), 0);
+	assert_int_equal(ph_config_set(&before, "destination.a.test", "", err, sizeof(err)), 0);
+	assert_memory_equal(&c, &before, sizeof(c));
+
+	/* rates write both members; a rate set back to unlimited equals the default */
+	ph_config_default(&c);
+	ph_config_default(&before);
+	assert_int_equal(ph_config_set(&c, "delivery_rate", "3/250ms", err, sizeof(err)), 0);
+	assert_int_equal(c.limits.msg_rate.count, 3);
+	assert_int_equal(c.limits.msg_rate.per_ms, 250);
+	assert_int_equal(ph_config_set(&c, "delivery_rate", "unlimited", err, sizeof(err)), 0);
+	assert_memory_equal(&c, &before, sizeof(c));
+}
+
+static void test_ph_helpers(void **state)
+{
+	static const char file[] = "local_domains = a.test, Example.ORG\n"
+	                           "users_file = /u\n"
+	                           "delivery_concurrency = 7\n"
+	                           "route.example.com = [127.0.0.1]:2526\n"
+	                           "route.sub.example.com = mx.sub.example.com\n"
+	                           "destination.example.com = concurrency=2 rate=100/s\n";
+	struct ph_config c;
+	const struct ph_limits *l;
+	char err[256];
+
+	ph_config_default(&c);
+	assert_int_equal(ph_config_load_buffer(&c, "t.conf", file, strlen(file), err, sizeof(err)),
+	                 0);
+	assert_int_equal(ph_config_check(&c, err, sizeof(err)), 0);
+
+	l = ph_config_limits_for(&c, "EXAMPLE.com");
+	assert_ptr_equal(l, &c.dests[0].lim);
+	assert_int_equal(l->concurrency, 2);
+	assert_int_equal(l->msg_rate.count, 100);
+	assert_int_equal(l->msg_rate.per_ms, 1000);
+	assert_int_equal(l->conn_rate.count, 0);
+	assert_int_equal(l->msgs_per_conn, 100);
+	assert_int_equal(l->idle_timeout_ms, 5000);
+	assert_ptr_equal(ph_config_limits_for(&c, "sub.example.com"), &c.limits);
+	assert_ptr_equal(ph_config_limits_for(&c, "example.co"), &c.limits);
+	assert_ptr_equal(ph_config_limits_for(&c, ""), &c.limits);
+	assert_int_equal(ph_config_limits_for(&c, "other.test")->concurrency, 7);
+
+	assert_string_equal(ph_config_route_for(&c, "example.com"), "[127.0.0.1]:2526");
+	assert_string_equal(ph_config_route_for(&c, "Example.Com"), "[127.0.0.1]:2526");
+	assert_string_equal(ph_config_route_for(&c, "sub.example.com"), "mx.sub.example.com");
+	assert_null(ph_config_route_for(&c, "x.example.com"));
+	assert_null(ph_config_route_for(&c, "example.com."));
+	assert_null(ph_config_route_for(&c, ""));
+
+	assert_true(ph_config_is_local(&c, "a.test", 6));
+	assert_true(ph_config_is_local(&c, "A.TEST", 6));
+	assert_true(ph_config_is_local(&c, "example.org", 11));
+	assert_true(ph_config_is_local(&c, "example.orgXYZ", 11)); /* only len octets */
+	assert_false(ph_config_is_local(&c, "a.tes", 5));
+	assert_false(ph_config_is_local(&c, "a.test,example.org", 18));
+	assert_false(ph_config_is_local(&c, "b.test", 6));
+	assert_false(ph_config_is_local(&c, "", 0));
+	ph_config_default(&c);
+	assert_false(ph_config_is_local(&c, "a.test", 6));
+	assert_false(ph_config_is_local(&c, "", 0));
+	assert_null(ph_config_route_for(&c, "example.com"));
+	assert_ptr_equal(ph_config_limits_for(&c, "example.com"), &c.limits);
+}
+
 /* ---- files ---- */
 
 static char *write_file(const char *name, const char *content, size_t len)
@@ -846,7 +1303,26 @@ static const struct load_case load_cases[] = {
      "control_socket = /run/posthaste/control.sock\n"
      "discard = no\n"
      "log_level = warning\n"
-     "max_queue_age = 5d\n",
+     "max_queue_age = 5d\n"
+     "resolver = 127.0.0.1:5353, [::1]:53\n"
+     "smarthost = [192.0.2.25]:2526\n"
+     "route.example.com = [127.0.0.1]:2526,[::1]:2526\n"
+     "route.Example.NET = mx.example.net:2525\n"
+     "local_domains = a.test, B.test\n"
+     "users_file = /etc/posthaste/users\n"
+     "mailbox_root = /var/mail\n"
+     "accounting_log = -\n"
+     "retry_min = 10ms\n"
+     "retry_max = 2h\n"
+     "connect_timeout = 10s\n"
+     "delivery_active_max = 500\n"
+     "delivery_concurrency = 4\n"
+     "delivery_rate = 100/s\n"
+     "delivery_connection_rate = 10/5s\n"
+     "delivery_messages_per_connection = 50\n"
+     "delivery_idle_timeout = 2s\n"
+     "destination.example.org = concurrency=2 rate=3/250ms\n"
+     "destination.b.example = idle_timeout=1m\n",
      NULL,
      "# posthaste: the effective configuration\n"
      "listen = 127.0.0.1:25\n"
@@ -863,18 +1339,54 @@ static const struct load_case load_cases[] = {
      "spool_reserve = 1G\n"
      "control_socket = /run/posthaste/control.sock\n"
      "discard = no\n"
+     "delivery = yes\n"
      "log_level = warning\n"
-     "max_queue_age = 5d\n",
+     "max_queue_age = 5d\n"
+     "resolver = 127.0.0.1:5353,[::1]:53\n"
+     "smarthost = [192.0.2.25]:2526\n"
+     "route.example.com = [127.0.0.1]:2526,[::1]:2526\n"
+     "route.example.net = mx.example.net:2525\n"
+     "local_domains = a.test,b.test\n"
+     "users_file = /etc/posthaste/users\n"
+     "mailbox_root = /var/mail\n"
+     "accounting_log = -\n"
+     "retry_min = 10ms\n"
+     "retry_max = 2h\n"
+     "connect_timeout = 10s\n"
+     "delivery_active_max = 500\n"
+     "delivery_concurrency = 4\n"
+     "delivery_rate = 100/s\n"
+     "delivery_connection_rate = 10/5s\n"
+     "delivery_messages_per_connection = 50\n"
+     "delivery_idle_timeout = 2s\n"
+     "destination.example.org = concurrency=2 rate=3/250ms connection_rate=10/5s "
+     "messages_per_connection=50 idle_timeout=2s\n"
+     "destination.b.example = concurrency=4 rate=100/s connection_rate=10/5s "
+     "messages_per_connection=50 idle_timeout=1m\n",
      NULL},
     {"unknown_key", "workers = 2\nbogus = 1\n", NULL, NULL, "%s:2: unknown key 'bogus'"},
     {"bad_value_line_3", "\n# x\ndurability = maybe\n", NULL, NULL,
      "%s:3: durability: 'maybe' is not fsync, batch or none"},
-    {"reserved_key", "smarthost = [192.0.2.1]:25\n", NULL, NULL,
-     "%s:1: 'smarthost' is not supported yet (reserved for a later version)"},
+    {"reserved_key", "tls_cert = /etc/cert.pem\n", NULL, NULL,
+     "%s:1: 'tls_cert' is not supported yet (reserved for a later version)"},
     {"bad_listen_after_good", "listen = 127.0.0.1:25\nlisten = nowhere\n", NULL, NULL,
      "%s:2: listen: invalid address 'nowhere' (expected HOST:PORT, [IPV6]:PORT or :PORT)"},
     {"syntax_error", "workers = 2\n\"workers\" = 3\n", NULL, NULL,
      "%s:2: invalid key '\"workers\"' (keys are letters, digits, '_', '.' and '-')"},
+    {"route_replaces_same_domain",
+     "route.a.test = x.test\nroute.b.test = y.test\nROUTE.A.TEST = z.test:26\n", NULL,
+     "route.a.test = z.test:26\nroute.b.test = y.test\nlocal_domains", NULL},
+    {"delivery_key_after_destination",
+     "delivery_concurrency = 5\ndestination.a.test = rate=1/s\ndelivery_rate = 2/s\n", NULL, NULL,
+     "%s:3: delivery_rate: must come before the destination.DOMAIN keys (each copies the "
+     "delivery_* limits in force when it is read)"},
+    {"destination_copies_defaults_read_before",
+     "delivery_concurrency = 5\ndelivery_idle_timeout = 1s\ndestination.a.test = rate=1/s\n", NULL,
+     "destination.a.test = concurrency=5 rate=1/s connection_rate=unlimited "
+     "messages_per_connection=100 idle_timeout=1s\n",
+     NULL},
+    {"bad_route_line_2", "route.a.test = x.test\nroute.b.test = [x]\n", NULL, NULL,
+     "%s:2: route.b.test: '[x]': 'x' is not an IPv4 or IPv6 address"},
     {"seventeen_listeners",
      "listen = :1\nlisten = :2\nlisten = :3\nlisten = :4\nlisten = :5\nlisten = :6\n"
      "listen = :7\nlisten = :8\nlisten = :9\nlisten = :10\nlisten = :11\nlisten = :12\n"
@@ -973,6 +1485,21 @@ static void test_round_trip(void **state)
 	    "listen = :1\nlisten = :2\nlisten = :3\nlisten = :4\nlisten = :5\nlisten = :6\n"
 	    "listen = :7\nlisten = :8\nlisten = :9\nlisten = :10\nlisten = :11\nlisten = :12\n"
 	    "listen = :13\nlisten = :14\nlisten = [::1]:15\nlisten = [1:2:3:4:5:6:7:8]:65535\n",
+	    /* delivery: every key, lists written loosely, rates in every form */
+	    "resolver = \" 127.0.0.1:5353 ,[::1]:53\"\nsmarthost = a.test , [192.0.2.1]:587\n"
+	    "route.Example.com = [127.0.0.1]:2526,[::1]:2526\nroute.x.test = mx.x.test\n"
+	    "route.y.test = 192.0.2.7:26\nroute.example.COM = [::1]\n"
+	    "local_domains = \"L1.test  l2.test,,l1.test\"\nusers_file = \"/etc/ph users #1\"\n"
+	    "mailbox_root = \" /m \"\naccounting_log = none\nretry_min = 10ms\nretry_max = 10ms\n"
+	    "connect_timeout = 1500ms\ndelivery_active_max = 1000000\n"
+	    "delivery_concurrency = 10000\ndelivery_rate = 4294967295/365d\n"
+	    "delivery_connection_rate = 3/1000ms\ndelivery_messages_per_connection = 1\n"
+	    "delivery_idle_timeout = 1ms\n"
+	    "destination.d1.test = rate=1/ms connection_rate=0/s\n"
+	    "destination.d2.test = concurrency=1 rate=7/60s connection_rate=unlimited "
+	    "messages_per_connection=1000000 idle_timeout=1d\n"
+	    "destination.D1.test = idle_timeout=90s\ndestination.d3.test =\n",
+	    "delivery_rate = 0\ndelivery_connection_rate = 10/5s\ndestination.a = rate=5000/h\n",
 	};
 
 	for (size_t i = 0; i < ARRAY_SIZE(configs); i++) {
@@ -1057,6 +1584,78 @@ static void tweak_too_many_listen(struct ph_config *c)
 	"/012345678901234567890123456789012345678901234567890123456789012345678901234567890123456" \
 	"789012"
 
+static void tweak_bad_rate(struct ph_config *c)
+{
+	c->limits.msg_rate.count = 0;
+	c->limits.msg_rate.per_ms = 5;
+}
+
+static void tweak_rate_period(struct ph_config *c)
+{
+	c->limits.conn_rate.count = 1;
+	c->limits.conn_rate.per_ms = 0;
+}
+
+static void tweak_dest_concurrency(struct ph_config *c)
+{
+	c->dests[1].lim.concurrency = 0;
+}
+
+static void tweak_route_hosts(struct ph_config *c)
+{
+	snprintf(c->routes[0].hosts, sizeof(c->routes[0].hosts), "a b");
+}
+
+static void tweak_route_hosts_spaced(struct ph_config *c)
+{
+	snprintf(c->routes[0].hosts, sizeof(c->routes[0].hosts), "a, b");
+}
+
+static void tweak_route_upper(struct ph_config *c)
+{
+	c->routes[1].domain[0] = 'B';
+}
+
+static void tweak_route_twice(struct ph_config *c)
+{
+	memcpy(c->routes[1].domain, c->routes[0].domain, sizeof(c->routes[0].domain));
+}
+
+static void tweak_dest_twice(struct ph_config *c)
+{
+	memcpy(c->dests[1].domain, c->dests[0].domain, sizeof(c->dests[0].domain));
+}
+
+static void tweak_route_domain(struct ph_config *c)
+{
+	memset(c->routes[0].domain, 'a', sizeof(c->routes[0].domain));
+}
+
+static void tweak_too_many_routes(struct ph_config *c)
+{
+	c->nroutes = PH_ROUTE_MAX + 1;
+}
+
+static void tweak_too_many_dests(struct ph_config *c)
+{
+	c->ndests = PH_DEST_MAX + 1;
+}
+
+static void tweak_local_upper(struct ph_config *c)
+{
+	snprintf(c->local_domains, sizeof(c->local_domains), "A.test");
+}
+
+static void tweak_resolver_spaced(struct ph_config *c)
+{
+	snprintf(c->resolver, sizeof(c->resolver), "127.0.0.1:53 ");
+}
+
+static void tweak_smarthost_bad(struct ph_config *c)
+{
+	snprintf(c->smarthost, sizeof(c->smarthost), "a:99999");
+}
+
 static const struct {
 	const char *name;
 	const char *file;
@@ -1095,6 +1694,50 @@ static const struct {
      "hostname: 'a b' is not a host name (letters, digits, '-', '.', '_', or an address "
      "literal in brackets)"},
     {"spool_dir_empty", "", tweak_spool_empty, "spool_dir: must not be empty"},
+    /* delivery */
+    {"delivery_every_key",
+     "resolver = 127.0.0.1:53\nsmarthost = [::1]:25\nroute.r.test = r\nlocal_domains = l.test\n"
+     "users_file = /u\nretry_min = 1h\nretry_max = 1h\ndelivery_rate = 1/s\n"
+     "destination.d.test = rate=2/s\n",
+     NULL, NULL},
+    {"retry_max_below_retry_min", "retry_min = 2h\n", NULL,
+     "retry_max: 1h is less than retry_min (2h)"},
+    {"retry_max_below_retry_min_ms", "retry_min = 11ms\nretry_max = 10ms\n", NULL,
+     "retry_max: 10ms is less than retry_min (11ms)"},
+    {"users_file_required", "local_domains = a.test\n", NULL,
+     "users_file: required when local_domains is set"},
+    {"local_and_routed", "local_domains = a.test, b.test\nusers_file = /u\nroute.B.test = x\n",
+     NULL,
+     "route.b.test: b.test is in local_domains too (a domain is delivered either locally or by "
+     "a route)"},
+    {"local_and_destination_is_fine",
+     "local_domains = a.test\nusers_file = /u\ndestination.a.test = concurrency=1\n", NULL, NULL},
+    {"rate_count_0_with_period", "", tweak_bad_rate,
+     "delivery_rate: invalid rate (count 0 with a period)"},
+    {"rate_period_0", "", tweak_rate_period,
+     "delivery_connection_rate: 0s is out of range (1ms to 365d)"},
+    {"destination_limit_out_of_range", "destination.a.test =\ndestination.b.test =\n",
+     tweak_dest_concurrency, "destination.b.test: concurrency: 0 is out of range (1 to 10000)"},
+    {"destination_twice", "destination.a.test =\ndestination.b.test =\n", tweak_dest_twice,
+     "destination.a.test: given twice"},
+    {"too_many_destinations", "", tweak_too_many_dests, "destination: more than 64 destinations"},
+    {"route_hosts_invalid", "route.a.test = x\n", tweak_route_hosts,
+     "route.a.test: 'a b': 'a b' is not a host name " DOMAIN_HINT " or an IP address"},
+    {"route_hosts_not_normal", "route.a.test = x\n", tweak_route_hosts_spaced,
+     "route.a.test: not in its normal form ('a,b')"},
+    {"route_domain_upper_case", "route.a.test = x\nroute.b.test = y\n", tweak_route_upper,
+     "route.B.test: the domain is not in lower case"},
+    {"route_twice", "route.a.test = x\nroute.b.test = y\n", tweak_route_twice,
+     "route.a.test: given twice"},
+    {"route_domain_unterminated", "route.a.test = x\n", tweak_route_domain,
+     "route: entry 1: not a domain name"},
+    {"too_many_routes", "", tweak_too_many_routes, "route: more than 64 routes"},
+    {"local_domains_not_normal", "users_file = /u\n", tweak_local_upper,
+     "local_domains: not in its normal form ('a.test')"},
+    {"resolver_not_normal", "", tweak_resolver_spaced,
+     "resolver: not in its normal form ('127.0.0.1:53')"},
+    {"smarthost_invalid", "", tweak_smarthost_bad,
+     "smarthost: 'a:99999': invalid port (1 to 65535)"},
 };
 
 static void test_check(void **state)
@@ -1159,6 +1802,11 @@ int main(void)
 	    cmocka_unit_test(test_ph_set),
 	    cmocka_unit_test(test_ph_listen_limit),
 	    cmocka_unit_test(test_ph_long_spool_dir),
+	    cmocka_unit_test(test_ph_hosts_parse),
+	    cmocka_unit_test(test_ph_hosts_max),
+	    cmocka_unit_test(test_ph_long_lists),
+	    cmocka_unit_test(test_ph_route_dest_limits),
+	    cmocka_unit_test(test_ph_helpers),
 	    cmocka_unit_test(test_load_cases),
 	    cmocka_unit_test(test_load_file_errors),
 	    cmocka_unit_test(test_round_trip),

@@ -21,6 +21,7 @@
 #include <cmocka.h>
 
 #include "core/clock.h"
+#include "core/compiler.h"
 #include "net/net.h"
 
 /* ---- a tiny protocol: echo, with knobs ---- */
@@ -30,7 +31,11 @@ struct echo_ctx {
 	unsigned timeout_ms;    /* arm a timer in on_open */
 	bool shutdown_bye;      /* say BYE at shutdown */
 	bool use_ref;           /* mix net_send_ref into the echo */
+	bool use_release;       /* echo through net_send_ref_release of a heap copy */
+	bool abort_after_send;  /* abort the connection right after queueing the echo */
 	_Atomic unsigned opens, closes, timeouts, writable;
+	_Atomic unsigned releases;            /* release callbacks run */
+	_Atomic unsigned releases_at_close;   /* releases seen when on_close ran */
 	size_t max_pending;
 };
 
@@ -46,9 +51,36 @@ static void echo_open(struct net_conn *c, int err)
 		net_conn_set_timeout(c, x->timeout_ms);
 }
 
+struct release_buf {
+	struct echo_ctx *x;
+	char data[];
+};
+
+static void release_buf(void *arg)
+{
+	struct release_buf *b = arg;
+	b->x->releases++;
+	free(b);
+}
+
 static void echo_data(struct net_conn *c, const struct iovec *iov, unsigned n)
 {
 	struct echo_ctx *x = net_conn_listener_ctx(c);
+	if (x->use_release) {
+		for (unsigned i = 0; i < n; i++) {
+			struct release_buf *b = malloc(sizeof(*b) + iov[i].iov_len);
+			assert_non_null(b);
+			b->x = x;
+			memcpy(b->data, iov[i].iov_base, iov[i].iov_len);
+			unsigned before = x->releases;
+			int r = net_send_ref_release(c, b->data, iov[i].iov_len, release_buf, b);
+			assert_int_equal(r, 0);
+			assert_int_equal(x->releases, before); /* never inside the call */
+		}
+		if (x->abort_after_send)
+			net_conn_abort(c, -ECONNRESET);
+		return;
+	}
 	for (unsigned i = 0; i < n; i++)
 		for (unsigned k = 0; k < (x->multiply ? x->multiply : 1); k++) {
 			if (x->use_ref)
@@ -90,8 +122,10 @@ static void echo_close(struct net_conn *c, int err)
 {
 	(void)err;
 	struct echo_ctx *x = net_conn_listener_ctx(c);
-	if (x)
+	if (x) {
+		x->releases_at_close = x->releases;
 		x->closes++;
+	}
 }
 
 static const struct net_proto echo_proto = {
@@ -238,6 +272,55 @@ static void test_send_ref_order(void **state)
 	assert_memory_equal(got, want, strlen(want));
 	close(fd);
 	harness_stop(&h);
+}
+
+static bool wait_until(_Atomic unsigned *v, unsigned want, unsigned ms)
+{
+	uint64_t deadline = clock_ms() + ms;
+	while (*v != want && clock_ms() < deadline)
+		usleep(1000);
+	return *v == want;
+}
+
+/* release runs once per segment, after the bytes went out; the peer got them all */
+static void test_send_ref_release_sent(void **state)
+{
+	(void)state;
+	struct harness h = {0};
+	h.ctx.use_release = true;
+	harness_start(&h, NULL);
+	int fd = dial(h.port);
+	for (int i = 0; i < 20; i++) {
+		char msg[32], got[32];
+		int n = snprintf(msg, sizeof(msg), "line %d\r\n", i);
+		assert_int_equal(write(fd, msg, (size_t)n), n);
+		read_exact(fd, got, (size_t)n);
+		assert_memory_equal(msg, got, (size_t)n);
+		assert_true(wait_until(&h.ctx.releases, (unsigned)i + 1, 5000));
+	}
+	close(fd);
+	harness_stop(&h);
+	assert_int_equal(h.ctx.releases, 20);
+	assert_int_equal(h.ctx.closes, 1);
+}
+
+/* an abort drops the queued reference: release still runs exactly once, before on_close */
+static void test_send_ref_release_abort(void **state)
+{
+	(void)state;
+	struct harness h = {0};
+	h.ctx.use_release = true;
+	h.ctx.abort_after_send = true;
+	harness_start(&h, NULL);
+	int fd = dial(h.port);
+	assert_int_equal(write(fd, "dropped", 7), 7);
+	expect_eof(fd);
+	assert_true(wait_until(&h.ctx.closes, 1, 5000));
+	assert_int_equal(h.ctx.releases, 1);
+	assert_int_equal(h.ctx.releases_at_close, 1);
+	close(fd);
+	harness_stop(&h);
+	assert_int_equal(h.ctx.releases, 1);
 }
 
 /*
@@ -483,12 +566,124 @@ static void test_listen_errors(void **state)
 	assert_int_equal(errno, EINVAL);
 }
 
+/* ---- polls of foreign descriptors ---- */
+
+struct poll_ctx {
+	int ready_pipe[2];  /* the test writes: the poll sees POLLIN */
+	int idle_pipe[2];   /* never written: cancelled by a timer */
+	int late_pipe[2];   /* never written: still armed at the end of the loop */
+	struct net_io ready_io, idle_io, late_io;
+	struct net_timer cancel_timer;
+	struct net_worker *w;
+	_Atomic int ready_res, idle_res;
+	_Atomic unsigned ready_calls, idle_calls, late_calls;
+	_Atomic int add_errs;
+	int fini_cancel;    /* net_poll_cancel from the fini hook */
+	int fini_add;       /* net_poll_add from the fini hook */
+};
+
+static void ready_done(struct net_io *io, int res)
+{
+	struct poll_ctx *p = container_of(io, struct poll_ctx, ready_io);
+	p->ready_res = res;
+	p->ready_calls++;
+}
+
+static void idle_done(struct net_io *io, int res)
+{
+	struct poll_ctx *p = container_of(io, struct poll_ctx, idle_io);
+	p->idle_res = res;
+	p->idle_calls++;
+}
+
+static void late_done(struct net_io *io, int res)
+{
+	(void)res;
+	struct poll_ctx *p = container_of(io, struct poll_ctx, late_io);
+	p->late_calls++;
+}
+
+static void cancel_fire(struct net_timer *t, struct net_worker *w)
+{
+	struct poll_ctx *p = container_of(t, struct poll_ctx, cancel_timer);
+	if (net_poll_cancel(w, &p->idle_io) != 0)
+		p->add_errs++;
+}
+
+static int poll_init(struct net_worker *w, void *arg)
+{
+	struct poll_ctx *p = arg;
+	p->w = w;
+	p->ready_io.done = ready_done;
+	p->idle_io.done = idle_done;
+	p->late_io.done = late_done;
+	if (net_poll_add(w, p->ready_pipe[0], POLLIN, &p->ready_io) != 0 ||
+	    net_poll_add(w, p->idle_pipe[0], POLLIN, &p->idle_io) != 0 ||
+	    net_poll_add(w, p->late_pipe[0], POLLIN, &p->late_io) != 0)
+		p->add_errs++;
+	p->cancel_timer.fire = cancel_fire;
+	net_timer_start(w, &p->cancel_timer, 50);
+	return 0;
+}
+
+static void poll_fini(struct net_worker *w, void *arg)
+{
+	struct poll_ctx *p = arg;
+	p->fini_cancel = net_poll_cancel(w, &p->late_io);
+	p->fini_add = net_poll_add(w, p->late_pipe[0], POLLIN, &p->late_io);
+}
+
+static void test_poll(void **state)
+{
+	(void)state;
+	struct poll_ctx p = {.ready_res = 1, .idle_res = 1};
+	assert_int_equal(pipe(p.ready_pipe), 0);
+	assert_int_equal(pipe(p.idle_pipe), 0);
+	assert_int_equal(pipe(p.late_pipe), 0);
+	struct net_config cfg;
+	net_config_default(&cfg);
+	cfg.workers = 1;
+	cfg.pin = false;
+	cfg.buf_count = 64;
+	struct net_worker_hooks hooks = {.init = poll_init, .fini = poll_fini, .arg = &p};
+	struct harness h = {0};
+	h.e = net_engine_new(&cfg, &hooks);
+	assert_non_null(h.e);
+	assert_int_equal(pthread_create(&h.thread, NULL, run_engine, &h), 0);
+
+	/* the cancelled poll reports -ECANCELED once */
+	assert_true(wait_until(&p.idle_calls, 1, 5000));
+	assert_int_equal(p.idle_res, -ECANCELED);
+	/* nothing was written yet: the ready poll is still armed */
+	assert_int_equal(p.ready_calls, 0);
+	assert_int_equal(write(p.ready_pipe[1], "x", 1), 1);
+	assert_true(wait_until(&p.ready_calls, 1, 5000));
+	assert_true(p.ready_res > 0 && (p.ready_res & POLLIN));
+
+	harness_stop(&h);
+	assert_int_equal(p.add_errs, 0);
+	assert_int_equal(p.ready_calls, 1);
+	assert_int_equal(p.idle_calls, 1);
+	/* the loop ended with the late poll armed: no callback, and the fini hook learns so */
+	assert_int_equal(p.late_calls, 0);
+	assert_int_equal(p.fini_cancel, -ESHUTDOWN);
+	assert_int_equal(p.fini_add, -ESHUTDOWN);
+	for (int i = 0; i < 2; i++) {
+		close(p.ready_pipe[i]);
+		close(p.idle_pipe[i]);
+		close(p.late_pipe[i]);
+	}
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_echo),
 		cmocka_unit_test(test_echo_fallback_single_shot),
 		cmocka_unit_test(test_send_ref_order),
+		cmocka_unit_test(test_send_ref_release_sent),
+		cmocka_unit_test(test_send_ref_release_abort),
+		cmocka_unit_test(test_poll),
 		cmocka_unit_test(test_back_pressure),
 		cmocka_unit_test(test_timeout),
 		cmocka_unit_test(test_shutdown_says_bye),
