@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,6 +33,12 @@ struct delay_rule {
 	unsigned ms;
 };
 
+/* --fail-rcpt: a recipient containing `pattern` is refused with `code`. */
+struct rcpt_rule {
+	const char *pattern;
+	unsigned code;
+};
+
 /* Per worker: the discard sink's state. */
 struct sink_worker {
 	uint64_t rng;
@@ -39,7 +46,7 @@ struct sink_worker {
 	uint64_t injected_failures;
 	uint64_t injected_delays;
 	unsigned index;
-	const struct sink_ctx *ctx;
+	struct sink_ctx *ctx;
 } cache_aligned;
 
 /* The process: options, then read-only while the workers run. */
@@ -48,6 +55,11 @@ struct sink_ctx {
 	unsigned nfails;
 	struct delay_rule delays[MAX_RULES];
 	unsigned ndelays;
+	struct rcpt_rule rcpt_fails[MAX_RULES];
+	unsigned nrcpt_fails;
+	/* connections open now, and the most open at once, over all workers */
+	_Atomic uint64_t open_conns;
+	_Atomic uint64_t max_concurrent;
 	struct smtp_server *srv;
 	struct sink_worker *workers;
 };
@@ -114,10 +126,41 @@ static void sink_txn_abort(void *txn)
 	(void)txn;
 }
 
-static void sink_verdict(void *ctx, enum smtp_stage stage, struct smtp_verdict *v)
+static void sink_session_close(void *ctx)
+{
+	struct sink_worker *sw = ctx;
+	atomic_fetch_sub_explicit(&sw->ctx->open_conns, 1, memory_order_relaxed);
+}
+
+static unsigned sink_rcpt_check(void *ctx, const char *addr, size_t len, char *text, size_t cap)
 {
 	struct sink_worker *sw = ctx;
 	const struct sink_ctx *c = sw->ctx;
+	for (unsigned i = 0; i < c->nrcpt_fails; i++) {
+		const struct rcpt_rule *r = &c->rcpt_fails[i];
+		if (!memmem(addr, len, r->pattern, strlen(r->pattern)))
+			continue;
+		sw->injected_failures++;
+		snprintf(text, cap, "%s <%.*s>: Recipient address rejected (injected)",
+			 r->code >= 500 ? "5.1.1" : "4.2.0", (int)(len > 256 ? 256 : len), addr);
+		return r->code;
+	}
+	return 0;
+}
+
+static void sink_verdict(void *ctx, enum smtp_stage stage, struct smtp_verdict *v)
+{
+	struct sink_worker *sw = ctx;
+	struct sink_ctx *c = sw->ctx;
+	if (stage == SMTP_STAGE_CONNECT) {
+		/* every session gets this verdict once; session_close undoes it */
+		uint64_t now = atomic_fetch_add_explicit(&c->open_conns, 1, memory_order_relaxed) + 1;
+		uint64_t max = atomic_load_explicit(&c->max_concurrent, memory_order_relaxed);
+		while (now > max && !atomic_compare_exchange_weak_explicit(
+					    &c->max_concurrent, &max, now, memory_order_relaxed,
+					    memory_order_relaxed)) {
+		}
+	}
 	for (unsigned i = 0; i < c->ndelays; i++) {
 		if (c->delays[i].stage == stage) {
 			v->delay_ms = c->delays[i].ms;
@@ -143,6 +186,8 @@ static const struct smtp_sink_ops discard_ops = {
 	.txn_end = sink_txn_end,
 	.txn_abort = sink_txn_abort,
 	.verdict = sink_verdict,
+	.rcpt_check = sink_rcpt_check,
+	.session_close = sink_session_close,
 };
 
 static int worker_init(struct net_worker *w, void *arg)
@@ -164,6 +209,8 @@ static void sink_usage(FILE *f)
 	      "  --delay CMD:MS           delay the reply at CMD by MS milliseconds\n"
 	      "  --fail CMD:CODE:PERCENT  answer CODE (4xx/5xx) at CMD for PERCENT%% of tries\n"
 	      "                           CMD: CONNECT EHLO MAIL RCPT DATA EOM (EOM = final reply)\n"
+	      "  --fail-rcpt PATTERN:CODE answer CODE (4xx/5xx) to every RCPT whose address\n"
+	      "                           contains PATTERN (case-sensitive substring)\n"
 	      "  --max-size BYTES         message size limit (default 67108864)\n"
 	      "  --max-recipients N       recipients per message (default 1000)\n"
 	      "  --timeout SECONDS        command/data timeout (default 300/180)\n"
@@ -192,6 +239,7 @@ int sink_main(int argc, char **argv)
 		{"workers", required_argument, NULL, 'w'},
 		{"delay", required_argument, NULL, 'd'},
 		{"fail", required_argument, NULL, 'f'},
+		{"fail-rcpt", required_argument, NULL, 'R'},
 		{"max-size", required_argument, NULL, 's'},
 		{"max-recipients", required_argument, NULL, 'r'},
 		{"timeout", required_argument, NULL, 't'},
@@ -259,6 +307,20 @@ int sink_main(int argc, char **argv)
 			f->code = (unsigned)code;
 			f->percent = pct;
 			ctx.nfails++;
+			break;
+		}
+		case 'R': {
+			char *colon = strrchr(optarg, ':');
+			if (ctx.nrcpt_fails == MAX_RULES || !colon || colon == optarg ||
+			    parse_u64(colon + 1, &v) < 0 || v < 400 || v > 599) {
+				fprintf(stderr, "sink: --fail-rcpt takes PATTERN:CODE (PATTERN not empty, "
+						"CODE 400..599)\n");
+				return 2;
+			}
+			*colon = '\0';
+			ctx.rcpt_fails[ctx.nrcpt_fails].pattern = optarg;
+			ctx.rcpt_fails[ctx.nrcpt_fails].code = (unsigned)v;
+			ctx.nrcpt_fails++;
 			break;
 		}
 		case 's':
@@ -350,9 +412,9 @@ int sink_main(int argc, char **argv)
 	printf("{\"messages\":%" PRIu64 ",\"recipients\":%" PRIu64 ",\"bytes\":%" PRIu64
 	       ",\"connections\":%" PRIu64 ",\"injected_failures\":%" PRIu64
 	       ",\"injected_delays\":%" PRIu64 ",\"rejected\":%" PRIu64 ",\"errors\":%" PRIu64
-	       "}\n",
+	       ",\"max_concurrent\":%" PRIu64 "}\n",
 	       st.messages, st.recipients, st.bytes, st.connections, fails, delays, st.rejected,
-	       st.errors);
+	       st.errors, atomic_load(&ctx.max_concurrent));
 	fflush(stdout);
 	smtp_server_free(&ctx.srv);
 	net_engine_free(&e);

@@ -743,7 +743,6 @@ static void host_complete(struct lookup *l)
 		a->cacheable = false;
 		int e = l->p4 == P_TEMPFAIL ? l->err4 : l->err6;
 		answer_error(a, "address lookup of %s failed: %s", l->name, ares_strerror(e));
-		fprintf(stderr, "DEBUG %s p4 %d p6 %d e4 %d e6 %d\n", l->name, l->p4, l->p6, l->err4, l->err6);
 	} else {
 		a->status = DNS_NODATA;
 		a->ttl = r->cfg.negative_ttl_s;

@@ -647,9 +647,11 @@ static void batch_finish(struct spool_worker *sw, int res)
 					e = NULL;
 				}
 			}
-			if (!e && !sw->sp->cfg.discard)
+			if (!e && !sw->sp->cfg.discard) {
+				sw->cur->pinned = true; /* its live count misses this message */
 				log_once(LOG_ERR, "spool: out of memory for the live queue: accepted "
 						  "messages wait for the next restart");
+			}
 		} else {
 			sw->stats.failed++;
 		}
@@ -1488,6 +1490,8 @@ static int build_live(struct spool *sp, struct rec_ctx *c)
 			}
 			for (; j < c->nmsgs && byid[j].id == c->strecs[k].id; j++) {
 				uint32_t ms = byid[j].seg;
+				if (c->segs[ms].gone)
+					continue; /* removed for good above: the record names nothing */
 				if (!rs[ms] || owner[ms] != owner[i])
 					rs[i]->pinned = true;
 			}
@@ -1734,6 +1738,7 @@ void spool_stats(const struct spool *sp, struct spool_stats *out)
 		out->bytes += s->bytes;
 		out->writes += s->writes;
 		out->syncs += s->syncs;
+		out->failed_states += s->failed_states;
 	}
 }
 

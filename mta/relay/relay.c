@@ -947,8 +947,8 @@ static void site_wake_in(struct site *s, uint64_t ms)
 	net_timer_start(s->rw->w, &s->timer, ms);
 }
 
-/* Gives rc the next job, or makes it idle. */
-static void conn_next(struct rconn *rc)
+/* Gives rc the next job, or makes it idle. 1 when the client refused the job itself: again. */
+static int conn_next_once(struct rconn *rc)
 {
 	struct site *s = rc->site;
 	struct relay_worker *rw = rc->rw;
@@ -957,13 +957,13 @@ static void conn_next(struct rconn *rc)
 			rc->quitting = true;
 			smtp_client_quit(&rc->cl);
 			net_conn_set_timeout(rc->c, 10000);
-			return;
+			return 0;
 		}
 		rc->idle = true;
 		rc->next_idle = s->idle;
 		s->idle = rc;
 		net_conn_set_timeout(rc->c, s->lim.idle_timeout_ms);
-		return;
+		return 0;
 	}
 	uint64_t wait = 0;
 	if (!bucket_take(&s->msg_tb, net_worker_now_ms(rw->w), &wait)) {
@@ -972,7 +972,7 @@ static void conn_next(struct rconn *rc)
 		s->idle = rc;
 		net_conn_set_timeout(rc->c, s->lim.idle_timeout_ms + wait);
 		site_wake_in(s, wait);
-		return;
+		return 0;
 	}
 	struct job *j = s->qhead;
 	s->qhead = j->next;
@@ -986,7 +986,7 @@ static void conn_next(struct rconn *rc)
 		if (!v) {
 			rc->job = NULL;
 			job_settle(j, RS_DEFER, "4.3.0", rc->remote, "out of memory");
-			return;
+			return 0;
 		}
 		rc->rcpts = v;
 		rc->rcap = j->n;
@@ -1014,13 +1014,23 @@ static void conn_next(struct rconn *rc)
 	    .nbody = 1,
 	    .size = am->m.body_len,
 	};
-	if (smtp_client_send_msg(&rc->cl, &rc->msg) < 0) {
+	int sr = smtp_client_send_msg(&rc->cl, &rc->msg);
+	if (sr < 0) {
 		rc->job = NULL;
 		site_enqueue(s, j); /* not taken: another connection will */
-		return;
+		return 0;
 	}
+	if (sr == 1)
+		return 1; /* refused locally (SMTPUTF8, SIZE): settled already; the next one */
 	uint64_t t = smtp_client_timeout_ms(&rc->cl);
 	net_conn_set_timeout(rc->c, t ? t : 300000);
+	return 0;
+}
+
+static void conn_next(struct rconn *rc)
+{
+	while (conn_next_once(rc) == 1)
+		;
 }
 
 /* Opens connections while there is queued work, within the limits. */

@@ -1151,6 +1151,8 @@ static void on_close(struct net_conn *c, int err)
 	net_timer_stop(net_conn_worker(c), &s->delay_timer);
 	txn_reset(s);
 	smtp_parser_deinit(&s->parser);
+	if (s->sw->sink->session_close)
+		s->sw->sink->session_close(s->sw->sink_ctx);
 	s->conn_gone = true;
 	if (s->waiting_txn)
 		return; /* freed by smtp_session_txn_done */

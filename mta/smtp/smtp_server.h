@@ -106,6 +106,11 @@ struct smtp_sink_ops {
 	 * Recipient address rejected: User unknown".
 	 */
 	unsigned (*rcpt_check)(void *ctx, const char *addr, size_t len, char *text, size_t cap);
+	/*
+	 * Optional: a session's connection closed (once per session that got its
+	 * SMTP_STAGE_CONNECT verdict; the bench sink counts open connections).
+	 */
+	void (*session_close)(void *ctx);
 };
 
 struct smtp_server_config {

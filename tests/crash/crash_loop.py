@@ -66,7 +66,7 @@ class Daemon:
         self.addr = "127.0.0.1:%d" % self.port
         self.log_path = log_path
         self._log = open(log_path, "wb")
-        self.cmd = [binary, "--listen", self.addr, "--spool", spool, "--workers", str(workers),
+        self.cmd = [binary, "--listen", self.addr, "--spool", spool, "--no-delivery", "--workers", str(workers),
                     "--durability", durability]
         self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=self._log,
                                      stdin=subprocess.DEVNULL)

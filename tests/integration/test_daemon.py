@@ -59,7 +59,7 @@ class Daemon:
         self.port = port or phtest.free_port()
         self.addr = "127.0.0.1:%d" % self.port
         self.cmd = list(prefix) + [binary, "--listen", self.addr, "--spool", self.spool,
-                                   "--workers", str(workers)] + [str(a) for a in args]
+                                   "--workers", str(workers), "--no-delivery"] + [str(a) for a in args]
         n = 0
         for n in range(1, 10000):
             self.err_path = os.path.join(self.tmpdir, "posthaste-%d-%d.err" % (self.port, n))

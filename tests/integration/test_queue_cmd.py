@@ -52,7 +52,7 @@ class Daemon:
         self.err_path = os.path.join(str(tmpdir), "posthaste-%d.err" % self.port)
         self._err = open(self.err_path, "wb")
         self.cmd = [binary, "--listen", "127.0.0.1:%d" % self.port, "--spool", str(spool),
-                    "--workers", str(workers)]
+                    "--workers", str(workers), "--no-delivery"]
         self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=self._err)
         try:

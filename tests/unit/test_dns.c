@@ -90,7 +90,9 @@ static int dnsmasq_start(void **state, unsigned ttl)
 	snprintf(port, sizeof(port), "--port=%u", d->port);
 	snprintf(ttls, sizeof(ttls), "--local-ttl=%u", ttl);
 	const char *argv[] = {
-		DNSMASQ, "--keep-in-foreground", "--no-daemon", "--no-resolv", "--no-hosts",
+		/* not --no-daemon: in debug mode dnsmasq serves TCP in its main process and
+		   stops answering UDP while a client keeps a TCP connection open (c-ares does) */
+		DNSMASQ, "--keep-in-foreground", "--pid-file=", "--no-resolv", "--no-hosts",
 		"--bind-interfaces", "--listen-address=127.0.0.1", port, "-C", "/dev/null", ttls,
 		/* every name under .test is answered here: unknown ones are NXDOMAIN */
 		"--local=/test/",
@@ -544,14 +546,8 @@ static void test_big_answer_tcp(void **state)
 	harness_start(&h, d->servers, NULL);
 	struct probe p;
 	assert_int_equal(lookup(&h, false, "big.test", &p), 0);
-	if (p.status != DNS_OK) {
-		struct probe q;
-		lookup(&h, true, "mx00-a-rather-long-label-to-fill-the-answer.big.test", &q);
-		fprintf(stderr, "host: %s %s\n", dns_status_str(q.status), q.error);
-		lookup(&h, true, "mx01-a-rather-long-label-to-fill-the-answer.big.test", &q);
-		fprintf(stderr, "host: %s %s\n", dns_status_str(q.status), q.error);
+	if (p.status != DNS_OK)
 		fail_msg("big.test: %s: %s", dns_status_str(p.status), p.error);
-	}
 	assert_int_equal(p.nhosts, DNS_MAX_HOSTS); /* the 16 most preferred */
 	assert_string_equal(p.hosts[0].name, "mx00-a-rather-long-label-to-fill-the-answer.big.test");
 	assert_int_equal(p.hosts[0].naddr, 1);

@@ -18,6 +18,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -1096,6 +1098,67 @@ static void test_read_damaged(void **state)
 	free(c);
 }
 
+/* ---- a state record lost to a failed write ---- */
+
+static void t7_step(struct ctx *c)
+{
+	struct spool_stats st;
+	switch (c->phase) {
+	case 0:
+		for (unsigned i = 0; i < 3; i++)
+			commit_one(c, false);
+		c->phase = 1;
+		return;
+	case 1: {
+		if (c->ndone < 3)
+			return;
+		/* the segment cannot grow: the state record's write fails (EFBIG) */
+		uint64_t seqs[4];
+		CHECK(c, seg_list(c->dir, seqs, 4) == 1);
+		char path[600];
+		seg_path(c->dir, seqs[0], path, sizeof(path));
+		struct stat sb;
+		CHECK(c, stat(path, &sb) == 0);
+		signal(SIGXFSZ, SIG_IGN);
+		struct rlimit rl = {(rlim_t)sb.st_size, RLIM_INFINITY};
+		CHECK(c, setrlimit(RLIMIT_FSIZE, &rl) == 0);
+		CHECK(c, mark(c, 1, SPOOL_STATE_DELIVERED) == 0);
+		CHECK(c, spool_worker_live(c->sw) == 2);
+		c->phase = 2;
+		return;
+	}
+	default:
+		spool_stats(c->sp, &st); /* this worker's own counters */
+		if (st.failed_states == 0 && ++c->u[0] < 2000)
+			return;
+		CHECK(c, st.failed_states == 1);
+		struct rlimit rl = {RLIM_INFINITY, RLIM_INFINITY};
+		setrlimit(RLIMIT_FSIZE, &rl);
+		stop(c);
+	}
+}
+
+static void test_failed_state_write(void **state)
+{
+	(void)state;
+	struct ctx *c = calloc(1, sizeof(*c));
+	make_dir(c);
+	c->step = t7_step;
+	run(c);
+	struct rlimit rl = {RLIM_INFINITY, RLIM_INFINITY};
+	setrlimit(RLIMIT_FSIZE, &rl);
+	assert_int_equal(c->stats.failed_states, 1);
+	assert_int_equal(c->stats.failed, 0); /* no message failed */
+	/* at-least-once: the message comes back after a restart */
+	struct spool_stats st;
+	uint64_t q, h;
+	reopen_counts(c, &st, &q, &h);
+	assert_int_equal(st.recovered, 3);
+	assert_int_equal(st.recovered_bad, 0); /* the failed write was truncated away */
+	remove_dir(c->dir);
+	free(c);
+}
+
 /* ---- 6: state payloads and the table ---- */
 
 static void test_state_payload_roundtrip(void **state)
@@ -1267,6 +1330,7 @@ int main(void)
 		cmocka_unit_test(test_runtime_segment_removal),
 		cmocka_unit_test(test_recovery_removed_segment_does_not_pin),
 		cmocka_unit_test(test_read_damaged),
+		cmocka_unit_test(test_failed_state_write),
 		cmocka_unit_test(test_state_payload_roundtrip),
 		cmocka_unit_test(test_state_payload_old_writers),
 		cmocka_unit_test(test_state_payload_values),
