@@ -100,7 +100,7 @@ int spool_envelope_decode(const uint8_t *payload, size_t len, struct spool_messa
 		return fail(err, errlen, "envelope: payload of %zu octets has no envelope length",
 		            len);
 	struct cursor c = {.buf = payload, .pos = 0, .end = 4};
-	uint32_t env_len;
+	uint32_t env_len = 0; /* get32 cannot fail here (len >= 4); the compiler cannot see it */
 	get32(&c, &env_len);
 	if (env_len < SPOOL_ENVELOPE_MIN)
 		return fail(err, errlen, "envelope: length %u is below the minimum %u", env_len,

@@ -31,6 +31,7 @@
 #include "mta/local/maildir.h"
 #include "mta/local/users.h"
 #include "mta/relay/dsn.h"
+#include "mta/relay/header.h"
 #include "mta/smtp/smtp_client.h"
 #include "queue/envelope.h"
 
@@ -352,70 +353,6 @@ static void acct_rcpt(struct relay_worker *rw, const char *event, const struct a
 	acct_end(rw);
 }
 
-/* ---- Message-ID ---- */
-
-size_t relay_find_message_id(const struct iovec *iov, unsigned n, char *buf, size_t cap)
-{
-	static const char name[] = "message-id:";
-	size_t matched = 0, out = 0, scanned = 0;
-	bool bol = true, in_value = false, prev_lf = false, blank = true;
-	for (unsigned k = 0; k < n; k++) {
-		const char *p = iov[k].iov_base;
-		for (size_t i = 0; i < iov[k].iov_len; i++) {
-			char ch = p[i];
-			if (++scanned > 65536)
-				goto end;
-			if (in_value) {
-				if (prev_lf) {
-					if (ch != ' ' && ch != '\t')
-						goto end; /* the field ended */
-					prev_lf = false;
-				}
-				if (ch == '\n') {
-					prev_lf = true;
-					continue;
-				}
-				if (ch == '\r')
-					continue;
-				if ((ch == ' ' || ch == '\t') && out == 0)
-					continue;
-				if (out + 1 < cap && (unsigned char)ch >= 0x20)
-					buf[out++] = ch;
-				continue;
-			}
-			if (ch == '\n') {
-				if (bol && blank)
-					goto end; /* the empty line: end of the header */
-				bol = true;
-				blank = true;
-				matched = 0;
-				continue;
-			}
-			if (ch != '\r')
-				blank = false;
-			if (bol && matched < sizeof(name) - 1) {
-				char lc = (ch >= 'A' && ch <= 'Z') ? (char)(ch + 32) : ch;
-				if (lc == name[matched]) {
-					if (++matched == sizeof(name) - 1) {
-						in_value = true;
-					}
-					continue;
-				}
-				bol = false;
-				matched = 0;
-			} else {
-				bol = false;
-			}
-		}
-	}
-end:
-	while (out && (buf[out - 1] == ' ' || buf[out - 1] == '\t'))
-		out--;
-	if (cap)
-		buf[out] = '\0';
-	return out;
-}
-
 /* ---- buffers shared with the connections' output ---- */
 
 static void rbuf_unref(struct rbuf *b)
@@ -716,6 +653,10 @@ static void mx_done(void *arg, const struct dns_mx_result *res)
 			 res->status == DNS_NXDOMAIN ? "no such domain" : "no MX or address records");
 		domain_fail_pending(d, RS_FAIL, "5.1.2", diag);
 		return;
+	case DNS_CANCELLED:
+		/* the resolver is being freed (the worker ends): the jobs are dropped
+		   by relay_worker_fini, their messages stay queued as they are */
+		return;
 	default:
 		d->resolving = false;
 		snprintf(diag, sizeof(diag), "cannot resolve %.255s: %.200s", d->name,
@@ -767,6 +708,14 @@ static void host_done(void *arg, const struct dns_mx_result *res)
 	struct rdomain *d = hl->d;
 	struct rhost *rh = &d->rhosts[hl->index];
 	free(hl);
+	if (res->status == DNS_CANCELLED) {
+		/* the worker ends: its jobs are dropped by relay_worker_fini */
+		if (--d->outstanding == 0) {
+			free(d->rhosts);
+			d->rhosts = NULL;
+		}
+		return;
+	}
 	if (res->status == DNS_OK && res->nhosts)
 		for (unsigned a = 0; a < res->hosts[0].naddr && rh->naddr < HOST_ADDRS_MAX; a++)
 			rh->addr[rh->naddr++] = res->hosts[0].addr[a];

@@ -78,11 +78,6 @@ bool relay_local_user(const struct relay *r, const char *addr, size_t len);
 /* Summed counters (after the engine stopped). */
 void relay_stats(const struct relay *r, struct relay_stats *out);
 
-/*
- * Finds the Message-ID header's value in the first octets of a message
- * (the header section, possibly split over iovecs): *len_r 0 when there is
- * none. Copies at most cap - 1 octets into buf, NUL-terminated, unfolded.
- */
-size_t relay_find_message_id(const struct iovec *iov, unsigned n, char *buf, size_t cap);
+#include "mta/relay/header.h" /* relay_find_message_id */
 
 #endif
