@@ -85,6 +85,7 @@ struct net_config {
 	size_t out_low_water;     /* resume below this; default 64 KiB */
 	unsigned shutdown_grace_ms; /* longest wait for connections to finish at shutdown; default 5000 */
 	int listen_backlog;       /* default 4096 */
+	unsigned connect_timeout_ms; /* net_connect gives up after this (on_open -ETIMEDOUT); 0 = the kernel's */
 };
 
 /* Fills *cfg with the defaults above. */

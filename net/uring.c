@@ -116,6 +116,7 @@ struct held_buf {
 
 struct net_conn {
 	struct net_worker *w;
+	struct __kernel_timespec cts; /* the connect's link timeout, read at submission */
 	int fd;
 	uint32_t idx;
 	uint32_t gen;
@@ -1013,9 +1014,11 @@ static void on_connect_cqe(struct net_worker *w, uint64_t ud, const struct io_ur
 		return;
 	c->flags &= ~CF_CONNECTING;
 	if (cqe->res < 0) {
+		/* cancelled by the link timeout (or the shutdown): report it as a timeout */
+		int err = cqe->res == -ECANCELED && !w->stopping ? -ETIMEDOUT : cqe->res;
 		if (c->proto->on_open)
-			c->proto->on_open(c, cqe->res);
-		c->close_err = cqe->res;
+			c->proto->on_open(c, err);
+		c->close_err = err;
 		conn_finish(c);
 		return;
 	}
@@ -1051,6 +1054,16 @@ int net_connect(struct net_worker *w, const struct sockaddr *sa, socklen_t salen
 	struct io_uring_sqe *sqe = get_sqe(w);
 	io_uring_prep_connect(sqe, fd, (struct sockaddr *)&c->peer, salen);
 	io_uring_sqe_set_data64(sqe, ud_pack(OP_CONNECT, c->idx, c->gen));
+	unsigned ms = w->e->cfg.connect_timeout_ms;
+	if (ms) {
+		/* a linked timeout cancels the connect: it completes with -ECANCELED */
+		sqe->flags |= IOSQE_IO_LINK;
+		c->cts.tv_sec = ms / 1000;
+		c->cts.tv_nsec = (long long)(ms % 1000) * 1000000;
+		struct io_uring_sqe *t = get_sqe(w);
+		io_uring_prep_link_timeout(t, &c->cts, 0);
+		io_uring_sqe_set_data64(t, ud_pack(OP_IGNORE, 0, 0));
+	}
 	return 0;
 }
 

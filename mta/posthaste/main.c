@@ -456,6 +456,7 @@ int main(int argc, char **argv)
 	struct net_config ncfg;
 	net_config_default(&ncfg);
 	ncfg.workers = ctx.cfg.workers;
+	ncfg.connect_timeout_ms = (unsigned)MIN(ctx.cfg.connect_timeout_ms, (uint64_t)UINT32_MAX);
 	struct net_worker_hooks hooks = {
 		.init = worker_init,
 		.turn_end = worker_turn_end,
