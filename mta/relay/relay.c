@@ -1689,6 +1689,141 @@ static void attempt_done(struct amsg *am)
 	finish(am);
 }
 
+/* ---- queue control (from the control socket, on the owning worker) ---- */
+
+static void heap_remove(struct relay_worker *rw, struct rq *q)
+{
+	size_t i = q->heap;
+	rw->nheap--;
+	if (i != rw->nheap) {
+		rw->heap[i] = rw->heap[rw->nheap];
+		rw->heap[i]->heap = i;
+		heap_down(rw, i);
+		heap_up(rw, i);
+	}
+	q->where = RQ_NONE;
+}
+
+static void ready_remove(struct relay_worker *rw, struct rq *q)
+{
+	struct rq *prev = NULL;
+	for (struct rq *x = rw->ready_head; x; prev = x, x = x->next) {
+		if (x != q)
+			continue;
+		if (prev)
+			prev->next = x->next;
+		else
+			rw->ready_head = x->next;
+		if (rw->ready_tail == x)
+			rw->ready_tail = prev;
+		break;
+	}
+	q->where = RQ_NONE;
+}
+
+/* Takes q out of whatever list it waits in. false when it is being delivered right now. */
+static bool rq_detach(struct relay_worker *rw, struct rq *q)
+{
+	switch (q->where) {
+	case RQ_READY:
+		ready_remove(rw, q);
+		return true;
+	case RQ_DEFERRED:
+		heap_remove(rw, q);
+		return true;
+	case RQ_ACTIVE:
+		return false;
+	default:
+		q->where = RQ_NONE;
+		return true;
+	}
+}
+
+static void flush_sites(struct relay_worker *rw)
+{
+	for (size_t b = 0; rw->sites && b < rw->nsites_cap; b++)
+		for (struct site *s = rw->sites[b]; s; s = s->hnext) {
+			s->down_until = 0;
+			s->fails = 0;
+		}
+}
+
+int relay_worker_control(struct relay_worker *rw, enum relay_ctl op, uint64_t id)
+{
+	if (op == RELAY_CTL_FLUSH_ALL) {
+		/* every deferred message is due now, and no destination is backed off */
+		unsigned n = 0;
+		while (rw->nheap) {
+			ready_push(rw, heap_pop(rw));
+			n++;
+		}
+		flush_sites(rw);
+		pump(rw);
+		return (int)MIN(n, (unsigned)INT32_MAX);
+	}
+	if (id == RELAY_CTL_ALL) {
+		/* every live message of this worker; busy ones are skipped */
+		int n = 0;
+		for (struct rq *q = rw->all, *nx; q; q = nx) {
+			nx = q->all_next;
+			if (relay_worker_control(rw, op, q->e->id) == 0 && n < INT32_MAX)
+				n++;
+		}
+		return n;
+	}
+	struct spool_entry *e = spool_entry_find(rw->sw, id);
+	if (!e || !e->owner)
+		return -ENOENT;
+	struct rq *q = e->owner;
+	switch (op) {
+	case RELAY_CTL_HOLD:
+		if (q->where == RQ_HELD)
+			return -EALREADY;
+		if (!rq_detach(rw, q))
+			return -EBUSY;
+		if (spool_entry_mark(rw->sw, e, &(struct state_rec){.state = SPOOL_STATE_HELD}) < 0) {
+			ready_push(rw, q);
+			return -ENOMEM;
+		}
+		q->where = RQ_HELD;
+		return 0;
+	case RELAY_CTL_RELEASE:
+		if (q->where != RQ_HELD)
+			return -EINVAL;
+		if (spool_entry_mark(rw->sw, e, &(struct state_rec){.state = SPOOL_STATE_RELEASED}) < 0)
+			return -ENOMEM;
+		ready_push(rw, q);
+		pump(rw);
+		return 0;
+	case RELAY_CTL_DELETE: {
+		uint8_t where = q->where;
+		if (!rq_detach(rw, q))
+			return -EBUSY;
+		if (spool_entry_mark(rw->sw, e, &(struct state_rec){.state = SPOOL_STATE_DELETED}) < 0) {
+			if (where == RQ_HELD)
+				q->where = RQ_HELD;
+			else
+				ready_push(rw, q);
+			return -ENOMEM;
+		}
+		acct_begin(rw, "deleted", id);
+		acct_end(rw);
+		rq_free(rw, q);
+		return 0;
+	}
+	case RELAY_CTL_FLUSH:
+		if (q->where == RQ_DEFERRED) {
+			heap_remove(rw, q);
+			ready_push(rw, q);
+		}
+		flush_sites(rw);
+		pump(rw);
+		return 0;
+	default:
+		return -EINVAL;
+	}
+}
+
 /* ---- workers ---- */
 
 struct relay *relay_new(const struct ph_config *cfg, const char *hostname,

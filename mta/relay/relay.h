@@ -75,6 +75,26 @@ void relay_log_reception(struct relay_worker *rw, uint64_t queue_id, const char 
 bool relay_local_domain(const struct relay *r, const char *domain, size_t len);
 bool relay_local_user(const struct relay *r, const char *addr, size_t len);
 
+enum relay_ctl {
+	RELAY_CTL_HOLD = 1, /* queued or deferred -> on hold */
+	RELAY_CTL_RELEASE,  /* on hold -> queued, due now */
+	RELAY_CTL_DELETE,   /* gone for good (no bounce), from any state but active */
+	RELAY_CTL_FLUSH,    /* deferred -> due now; destinations' back-off forgotten */
+	RELAY_CTL_FLUSH_ALL, /* every deferred message (id ignored) */
+};
+
+/*
+ * Queue control on the worker that owns the message (the control socket's
+ * thread posts it there). id RELAY_CTL_ALL: every live message of the worker
+ * (those being delivered are skipped). 0 (for ALL and FLUSH_ALL: how many
+ * were changed), or -ENOENT
+ * (not a live message of this worker), -EALREADY (held already), -EINVAL
+ * (release of a message not on hold), -EBUSY (a delivery attempt is under
+ * way: try again in a moment), -ENOMEM.
+ */
+#define RELAY_CTL_ALL UINT64_MAX
+int relay_worker_control(struct relay_worker *rw, enum relay_ctl op, uint64_t id);
+
 /* Summed counters (after the engine stopped). */
 void relay_stats(const struct relay *r, struct relay_stats *out);
 
