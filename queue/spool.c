@@ -43,6 +43,9 @@
 #define BODY_CHUNK_MAX  (4u * 1024 * 1024)
 #define SPACE_CHECK_MS  500
 #define SEGMENT_DEFAULT (64ull << 20)
+#define COMPACT_CHECK_MS 1000
+#define COMPACT_AFTER_DEFAULT 30000
+#define COMPACT_BATCH_MAX 4096 /* messages copied per check */
 
 struct body_chunk {
 	struct body_chunk *next;
@@ -57,7 +60,10 @@ struct spool_seg {
 	int rfd;                /* read-only, opened on the first read; -1 */
 	uint64_t seq;
 	uint64_t live;  /* live entries in it */
+	uint64_t live_bytes; /* their records' payload octets */
+	unsigned moving; /* compaction copies of its messages in flight */
 	bool writing;   /* the owner appends to it */
+	uint64_t closed_ms; /* monotonic: when it stopped being written (0: never written here) */
 	bool pinned;    /* its state records name messages outside the owner's segments */
 	char name[64];
 };
@@ -67,6 +73,7 @@ struct spool_txn {
 	enum record_type type; /* MESSAGE, or STATE (a spool_entry_mark) */
 	uint8_t st[STATE_PAYLOAD_SIZE];
 	uint64_t off; /* the record's segment offset, once batched */
+	struct spool_entry *moved; /* a compaction copy of this live entry */
 	struct spool_txn *next; /* pending / batch list */
 	struct body_chunk *head, *tail;
 	uint64_t body_len;
@@ -105,6 +112,7 @@ struct spool_worker {
 	struct net_io batch_sync_io;
 	struct net_timer batch_timer;
 	struct net_timer space_timer;
+	struct net_timer compact_timer;
 	bool low_space;
 	struct spool_seg *segs_head, *segs_tail; /* owned segments, oldest first */
 	struct spool_seg *cur;                    /* the one being written */
@@ -194,6 +202,7 @@ static int entry_insert(struct spool_worker *sw, struct spool_entry *e)
 	sw->htab[k] = e;
 	sw->hcount++;
 	e->seg->live++;
+	e->seg->live_bytes += e->len;
 	if (e->state == SPOOL_STATE_HELD)
 		sw->nheld++;
 	return 0;
@@ -230,7 +239,7 @@ static void seg_free(struct spool_seg *g)
 static void segs_gc(struct spool_worker *sw)
 {
 	while (sw->segs_head && !sw->segs_head->live && !sw->segs_head->writing &&
-	       !sw->segs_head->pinned) {
+	       !sw->segs_head->pinned && !sw->segs_head->moving) {
 		struct spool_seg *g = sw->segs_head;
 		if (unlinkat(g->dirfd, g->name, 0) < 0 && errno != ENOENT) {
 			log_warn("spool: worker %u: cannot remove segment %s: %s", sw->index, g->name,
@@ -257,6 +266,9 @@ static void entry_remove(struct spool_worker *sw, struct spool_entry *e)
 			sw->nheld--;
 	}
 	e->seg->live--;
+	e->seg->live_bytes -= e->len;
+	if (e->moving)
+		e->moving->moved = NULL; /* the copy lands as a dead record */
 	free(e->rcpt_done);
 	free(e);
 	segs_gc(sw);
@@ -313,8 +325,10 @@ static int segment_open_new(struct spool_worker *sw)
 	}
 	g->writing = true;
 	seg_append(sw, g);
-	if (sw->cur)
+	if (sw->cur) {
 		sw->cur->writing = false;
+		sw->cur->closed_ms = net_worker_now_ms(sw->w);
+	}
 	sw->cur = g;
 	if (sw->fd >= 0)
 		close(sw->fd);
@@ -602,6 +616,104 @@ void spool_txn_commit(struct spool_txn *t, const struct spool_envelope *env,
 	pending_push(sw, t);
 }
 
+/* ---- compaction ---- */
+
+static void push_state(struct spool_worker *sw, uint64_t id, const struct state_rec *r);
+
+static void compact_landed(struct spool_worker *sw, struct spool_txn *t, int res)
+{
+	struct spool_entry *e = t->moved;
+	struct spool_seg *old = (struct spool_seg *)t->arg;
+	old->moving--;
+	if (e) {
+		e->moving = NULL;
+		if (res == 0) {
+			e->seg->live--;
+			e->seg->live_bytes -= e->len;
+			e->seg = sw->cur;
+			e->off = t->off;
+			e->seg->live++;
+			e->seg->live_bytes += e->len;
+			sw->stats.compacted++;
+		}
+	}
+	segs_gc(sw);
+}
+
+/*
+ * Copies the live messages of the oldest segment forward when few are left
+ * in it (long-deferred or held ones keep it, and with it every newer
+ * segment, from being removed). Each copy is the same record (same id), then
+ * the message's current state again, because the state records in the old
+ * segment go with it. Recovery keeps the newest copy of an id.
+ */
+static void compact_check(struct spool_worker *sw)
+{
+	struct spool_seg *g = sw->segs_head;
+	uint64_t after = sw->sp->cfg.compact_after_ms ? sw->sp->cfg.compact_after_ms
+						      : COMPACT_AFTER_DEFAULT;
+	uint64_t now = net_worker_now_ms(sw->w);
+	if (!g || g == sw->cur || g->writing || g->pinned || !g->live || g->moving ||
+	    g->live_bytes > sw->sp->cfg.segment_size / 4 || sw->low_space)
+		return;
+	if (!g->closed_ms)
+		g->closed_ms = now; /* recovered: its age counts from now */
+	if (now - g->closed_ms < after)
+		return;
+	unsigned n = 0;
+	for (size_t i = 0; i < sw->hsize && n < COMPACT_BATCH_MAX; i++) {
+		for (struct spool_entry *e = sw->htab[i]; e && n < COMPACT_BATCH_MAX; e = e->hnext) {
+			if (e->seg != g || e->moving)
+				continue;
+			uint8_t *buf;
+			size_t len;
+			if (spool_entry_read(sw, e, &buf, &len) < 0) {
+				g->pinned = true; /* a damaged message stays where it is */
+				return;
+			}
+			struct spool_txn *t = calloc(1, sizeof(*t));
+			if (!t) {
+				free(buf);
+				return;
+			}
+			t->sw = sw;
+			t->id = e->id;
+			t->type = RECORD_MESSAGE;
+			t->env = (char *)buf; /* the whole payload, as it was */
+			t->env_len = len;
+			struct iovec iv = {buf, len};
+			t->pad = record_header_encode(t->header, RECORD_MESSAGE, 0, e->id, &iv, 1);
+			t->niov = 2 + (t->pad ? 1 : 0);
+			t->moved = e;
+			t->arg = g;
+			e->moving = t;
+			g->moving++;
+			pending_push(sw, t);
+			if (e->state == SPOOL_STATE_HELD || e->state == SPOOL_STATE_DEFERRED)
+				push_state(sw, e->id,
+					   &(struct state_rec){.state = e->state,
+							       .attempts = e->attempts,
+							       .until_ms = e->until_ms});
+			for (uint32_t k = 0; k < e->nrcpt_done; k++)
+				push_state(sw, e->id,
+					   &(struct state_rec){.state = SPOOL_STATE_RCPT_DONE,
+							       .rcpt = e->rcpt_done[k]});
+			n++;
+		}
+	}
+	if (n)
+		log_info("spool: worker %u: compacting %s: %u messages copied forward", sw->index,
+			 g->name, n);
+}
+
+static void compact_timer_fire(struct net_timer *t, struct net_worker *w)
+{
+	struct spool_worker *sw = container_of(t, struct spool_worker, compact_timer);
+	if (!sw->sp->cfg.discard)
+		compact_check(sw);
+	net_timer_start(w, t, COMPACT_CHECK_MS);
+}
+
 /* ---- group commit ---- */
 
 static void batch_finish(struct spool_worker *sw, int res)
@@ -630,6 +742,13 @@ static void batch_finish(struct spool_worker *sw, int res)
 			/* lost with a failed write: the message is tried again after a restart */
 			if (res < 0)
 				sw->stats.failed_states++;
+			txn_free(t);
+			t = n;
+			continue;
+		}
+		if (!t->done) {
+			/* a compaction copy: the entry now lives in the current segment */
+			compact_landed(sw, t, res);
 			txn_free(t);
 			t = n;
 			continue;
@@ -760,6 +879,9 @@ void spool_worker_turn_end(struct spool_worker *sw)
 	sw->write_done = false;
 	sw->write_res = 0;
 	sw->sync_wanted = sw->sp->cfg.durability == SPOOL_FSYNC;
+	/* a compaction copy is synced in every mode: its original's segment goes next */
+	for (struct spool_txn *x = sw->batch; x && !sw->sync_wanted; x = x->next)
+		sw->sync_wanted = x->type == RECORD_MESSAGE && !x->done;
 	sw->stats.writes++;
 	int r = net_file_writev(sw->w, sw->fd, sw->iov, n, sw->offset, &sw->write_io,
 				sw->sync_wanted ? &sw->sync_io : NULL);
@@ -850,18 +972,35 @@ int spool_entry_read(struct spool_worker *sw, const struct spool_entry *e, uint8
 	return 0;
 }
 
-int spool_entry_mark(struct spool_worker *sw, struct spool_entry *e, const struct state_rec *r)
+static struct spool_txn *state_txn(struct spool_worker *sw, uint64_t id, const struct state_rec *r)
 {
 	struct spool_txn *t = calloc(1, sizeof(*t));
 	if (!t)
-		return -ENOMEM;
+		return NULL;
 	t->sw = sw;
-	t->id = e->id;
+	t->id = id;
 	t->type = RECORD_STATE;
 	state_payload_encode_rec(t->st, r);
 	struct iovec iv = {t->st, sizeof(t->st)};
-	t->pad = record_header_encode(t->header, RECORD_STATE, 0, e->id, &iv, 1);
+	t->pad = record_header_encode(t->header, RECORD_STATE, 0, id, &iv, 1);
 	t->niov = 2 + (t->pad ? 1 : 0);
+	return t;
+}
+
+static void push_state(struct spool_worker *sw, uint64_t id, const struct state_rec *r)
+{
+	struct spool_txn *t = state_txn(sw, id, r);
+	if (t)
+		pending_push(sw, t);
+	else
+		sw->stats.failed_states++;
+}
+
+int spool_entry_mark(struct spool_worker *sw, struct spool_entry *e, const struct state_rec *r)
+{
+	struct spool_txn *t = state_txn(sw, e->id, r);
+	if (!t)
+		return -ENOMEM;
 	pending_push(sw, t);
 	if (spool_state_final(r->state)) {
 		entry_remove(sw, e);
@@ -932,6 +1071,8 @@ int spool_worker_init(struct spool *sp, struct net_worker *w)
 	space_check(sw);
 	sw->space_timer.fire = space_timer_fire;
 	net_timer_start(w, &sw->space_timer, SPACE_CHECK_MS);
+	sw->compact_timer.fire = compact_timer_fire;
+	net_timer_start(w, &sw->compact_timer, COMPACT_CHECK_MS);
 	if (sp->cfg.durability == SPOOL_BATCH) {
 		sw->batch_timer.fire = batch_timer_fire;
 		net_timer_start(w, &sw->batch_timer, sp->cfg.batch_interval_ms);
@@ -944,6 +1085,7 @@ void spool_worker_fini(struct spool_worker *sw)
 	if (!sw || !sw->sp)
 		return;
 	net_timer_stop(sw->w, &sw->space_timer);
+	net_timer_stop(sw->w, &sw->compact_timer);
 	net_timer_stop(sw->w, &sw->batch_timer);
 	/* transactions sealed but never written: never acknowledged either */
 	for (struct spool_txn *t = sw->failed, *n; t; t = n) {
@@ -969,6 +1111,8 @@ void spool_worker_fini(struct spool_worker *sw)
 			if (sw->fd >= 0 && !sw->batch &&
 			    pwritev(sw->fd, iov, (int)k, (off_t)sw->offset) == (ssize_t)len)
 				sw->offset += len;
+		} else if (!t->done) {
+			compact_landed(sw, t, -ESHUTDOWN); /* the original stays where it is */
 		} else {
 			t->done(t->arg, -ESHUTDOWN, t->id);
 		}
@@ -1077,6 +1221,7 @@ struct rec_ref {
 struct rec_loc {
 	uint64_t off;
 	uint32_t len;
+	bool superseded; /* a newer copy of the same id (compaction) comes later */
 };
 
 struct rec_done {
@@ -1185,7 +1330,7 @@ static void recover_segment(struct spool *sp, struct rec_ctx *c, uint32_t si)
 					c->locs = v;
 					c->loccap = cap;
 				}
-				c->locs[c->nmsgs] = (struct rec_loc){rec.offset, (uint32_t)rec.length};
+				c->locs[c->nmsgs] = (struct rec_loc){rec.offset, (uint32_t)rec.length, false};
 				if (!ref_push(&c->msgs, &c->nmsgs, &c->msgcap, rec.queue_id, si))
 					c->oom = true;
 			} else if (rec.type == RECORD_STATE) {
@@ -1498,6 +1643,8 @@ static int build_live(struct spool *sp, struct rec_ctx *c)
 		}
 	}
 	for (size_t i = 0; i < c->nmsgs; i++) {
+		if (c->locs[i].superseded)
+			continue;
 		uint32_t si = c->msgs[i].seg;
 		const struct state_entry *st = c->states.n ? state_table_find(&c->states, c->msgs[i].id)
 							   : NULL;
@@ -1548,6 +1695,40 @@ out:
 	return r;
 }
 
+static const struct rec_ctx *sort_ctx; /* recovery runs on one thread, before the workers */
+
+static int idx_cmp(const void *a, const void *b)
+{
+	uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+	uint64_t ix = sort_ctx->msgs[x].id, iy = sort_ctx->msgs[y].id;
+	if (ix != iy)
+		return ix < iy ? -1 : 1;
+	return x < y ? -1 : x > y;
+}
+
+/*
+ * Compaction copies a message forward under the same id: of several copies
+ * of an id, the one scanned last (the newest segment) is the message; the
+ * others are marked superseded. 0 or -ENOMEM.
+ */
+static int mark_superseded(struct rec_ctx *c)
+{
+	if (c->nmsgs < 2)
+		return 0;
+	uint32_t *ix = malloc(c->nmsgs * sizeof(*ix));
+	if (!ix)
+		return -ENOMEM;
+	for (size_t i = 0; i < c->nmsgs; i++)
+		ix[i] = (uint32_t)i;
+	sort_ctx = c;
+	qsort(ix, c->nmsgs, sizeof(*ix), idx_cmp);
+	for (size_t i = 0; i + 1 < c->nmsgs; i++)
+		if (c->msgs[ix[i]].id == c->msgs[ix[i + 1]].id)
+			c->locs[ix[i]].superseded = true;
+	free(ix);
+	return 0;
+}
+
 static int recover(struct spool *sp)
 {
 	uint64_t t0 = clock_ms();
@@ -1584,8 +1765,14 @@ static int recover(struct spool *sp)
 
 	/* each message's current state */
 	state_table_finish(&c.states);
+	if (mark_superseded(&c) < 0) {
+		rec_ctx_free(&c);
+		return -ENOMEM;
+	}
 	uint64_t queued = 0, held = 0;
 	for (size_t i = 0; i < c.nmsgs; i++) {
+		if (c.locs[i].superseded)
+			continue; /* an older copy of a compacted message */
 		enum spool_state st =
 		    c.states.n ? state_table_lookup(&c.states, c.msgs[i].id) : SPOOL_STATE_QUEUED;
 		if (spool_state_final(st))
@@ -1738,6 +1925,7 @@ void spool_stats(const struct spool *sp, struct spool_stats *out)
 		out->bytes += s->bytes;
 		out->writes += s->writes;
 		out->syncs += s->syncs;
+		out->compacted += s->compacted;
 		out->failed_states += s->failed_states;
 	}
 }

@@ -36,6 +36,12 @@ struct spool_config {
 	uint64_t reserve_bytes;     /* refuse new transactions below this much free space */
 	uint64_t segment_size;      /* start a new segment past this; default 64 MiB */
 	bool discard;               /* messages are final once durable (benchmark route) */
+	/*
+	 * Compaction: the oldest segment, once it has been closed this long and
+	 * its live messages take at most a quarter of segment_size, has them
+	 * copied forward so it can be removed. Default 30 s; 0 = the default.
+	 */
+	uint64_t compact_after_ms;
 };
 
 struct spool_envelope {
@@ -74,6 +80,7 @@ struct spool_stats {
 	uint64_t writes;        /* writev calls */
 	uint64_t syncs;         /* fdatasync calls */
 	uint64_t failed_states; /* state records lost to a failed write */
+	uint64_t compacted;     /* messages copied forward by compaction */
 };
 
 /*
@@ -145,6 +152,7 @@ struct spool_entry {
 	uint64_t off; /* the record's header in its segment */
 	uint32_t len; /* payload octets */
 	struct spool_entry *hnext;
+	struct spool_txn *moving; /* its compaction copy in flight */
 };
 
 struct spool_hooks {
