@@ -858,7 +858,10 @@ static void conn_set_remote(struct rconn *rc)
 		inet_ntop(AF_INET, &((const struct sockaddr_in *)ss)->sin_addr, ip, sizeof(ip));
 	else
 		inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)ss)->sin6_addr, ip, sizeof(ip));
-	snprintf(rc->remote, sizeof(rc->remote), "%s[%s]:%u", h->name, ip, h->port);
+	if (!strcmp(h->name, ip))
+		snprintf(rc->remote, sizeof(rc->remote), "[%s]:%u", ip, h->port);
+	else
+		snprintf(rc->remote, sizeof(rc->remote), "%s[%s]:%u", h->name, ip, h->port);
 }
 
 static void conn_free(struct rconn *rc)
