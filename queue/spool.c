@@ -665,6 +665,8 @@ static void compact_check(struct spool_worker *sw)
 		for (struct spool_entry *e = sw->htab[i]; e && n < COMPACT_BATCH_MAX; e = e->hnext) {
 			if (e->seg != g || e->moving)
 				continue;
+			if (3 + 2 * ((uint64_t)e->nrcpt_done + 1) > IOV_MAX)
+				continue; /* its copy and states would not fit one batch: it stays */
 			uint8_t *buf;
 			size_t len;
 			if (spool_entry_read(sw, e, &buf, &len) < 0) {
@@ -849,10 +851,22 @@ void spool_worker_turn_end(struct spool_worker *sw)
 	unsigned n = 0;
 	uint64_t len = 0;
 	struct spool_txn *t = sw->pending_head, *last = NULL;
-	while (t && n + t->niov <= IOV_MAX) {
-		if (n + t->niov > sw->iov_cap) {
+	while (t) {
+		/*
+		 * a compaction copy goes in the same batch as the state records
+		 * behind it: its original's segment (with the old state records)
+		 * is removed once the batch is durable
+		 */
+		unsigned need = t->niov;
+		if (t->type == RECORD_MESSAGE && !t->done)
+			for (struct spool_txn *x = t->next;
+			     x && x->type == RECORD_STATE && x->id == t->id; x = x->next)
+				need += x->niov;
+		if (n + need > IOV_MAX)
+			break;
+		if (n + need > sw->iov_cap) {
 			unsigned cap = MAX(sw->iov_cap * 2, 256u);
-			while (cap < n + t->niov)
+			while (cap < n + need)
 				cap *= 2;
 			struct iovec *iv = realloc(sw->iov, cap * sizeof(*iv));
 			if (!iv)
@@ -998,6 +1012,20 @@ static void push_state(struct spool_worker *sw, uint64_t id, const struct state_
 
 int spool_entry_mark(struct spool_worker *sw, struct spool_entry *e, const struct state_rec *r)
 {
+	/* a settled recipient joins e->rcpt_done: compaction writes it again from there */
+	uint32_t at = 0;
+	bool add_done = false;
+	if (r->state == SPOOL_STATE_RCPT_DONE) {
+		while (at < e->nrcpt_done && e->rcpt_done[at] < r->rcpt)
+			at++;
+		add_done = at == e->nrcpt_done || e->rcpt_done[at] != r->rcpt;
+		if (add_done) {
+			uint32_t *v = realloc(e->rcpt_done, (e->nrcpt_done + 1) * sizeof(*v));
+			if (!v)
+				return -ENOMEM;
+			e->rcpt_done = v; /* the same indices, room for one more */
+		}
+	}
 	struct spool_txn *t = state_txn(sw, e->id, r);
 	if (!t)
 		return -ENOMEM;
@@ -1005,6 +1033,12 @@ int spool_entry_mark(struct spool_worker *sw, struct spool_entry *e, const struc
 	if (spool_state_final(r->state)) {
 		entry_remove(sw, e);
 		return 0;
+	}
+	if (add_done) {
+		memmove(e->rcpt_done + at + 1, e->rcpt_done + at,
+			(e->nrcpt_done - at) * sizeof(*e->rcpt_done));
+		e->rcpt_done[at] = r->rcpt;
+		e->nrcpt_done++;
 	}
 	bool was_held = e->state == SPOOL_STATE_HELD;
 	switch (r->state) {

@@ -145,7 +145,8 @@ struct spool_entry {
 	uint16_t attempts; /* delivery attempts made so far */
 	uint8_t state;     /* SPOOL_STATE_QUEUED, HELD or DEFERRED */
 	uint32_t nrcpt_done;
-	uint32_t *rcpt_done; /* recovered RCPT_DONE indices (sorted); NULL when none */
+	uint32_t *rcpt_done; /* RCPT_DONE indices (sorted): recovered, and added by
+				spool_entry_mark; NULL when none */
 	void *owner;         /* the delivery side's pointer; the spool never touches it */
 	/* private */
 	struct spool_seg *seg;

@@ -21,6 +21,7 @@
 #include <signal.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <cmocka.h>
@@ -46,6 +47,7 @@ struct msgref {
 struct ctx {
 	char dir[256];
 	uint64_t segment_size;
+	uint64_t compact_after_ms;
 	size_t body_size;
 	struct spool *sp;
 	struct net_engine *e;
@@ -56,6 +58,8 @@ struct ctx {
 	void (*step)(struct ctx *c);          /* every tick until stop */
 	void (*fini)(struct ctx *c);          /* from the fini hook, before spool_worker_fini */
 	void (*after_open)(struct ctx *c);    /* main thread, after spool_open */
+	void (*turn_pre)(struct ctx *c);      /* turn end, before spool_worker_turn_end */
+	void (*turn_post)(struct ctx *c);     /* turn end, after spool_worker_turn_end */
 	bool announce;                        /* spool_worker_announce from the init hook */
 	int phase;
 	/* messages, over every run of the test, in commit order */
@@ -280,7 +284,11 @@ static void hook_turn_end(struct net_worker *w, void *arg)
 {
 	(void)w;
 	struct ctx *c = arg;
+	if (c->turn_pre)
+		c->turn_pre(c);
 	spool_worker_turn_end(c->sw);
+	if (c->turn_post)
+		c->turn_post(c);
 }
 
 static void hook_fini(struct net_worker *w, void *arg)
@@ -295,7 +303,10 @@ static void hook_fini(struct net_worker *w, void *arg)
 static struct spool *open_spool(const struct ctx *c, char *err, size_t errlen)
 {
 	struct spool_config cfg = {
-		.dir = c->dir, .durability = SPOOL_FSYNC, .segment_size = c->segment_size};
+		.dir = c->dir,
+		.durability = SPOOL_FSYNC,
+		.segment_size = c->segment_size,
+		.compact_after_ms = c->compact_after_ms};
 	return spool_open(&cfg, 1, err, errlen);
 }
 
@@ -332,6 +343,7 @@ static void run(struct ctx *c)
 	c->step = NULL;
 	c->fini = NULL;
 	c->after_open = NULL;
+	c->turn_pre = c->turn_post = NULL;
 }
 
 /* What recovery finds, without running an engine. */
@@ -1159,6 +1171,601 @@ static void test_failed_state_write(void **state)
 	free(c);
 }
 
+/* ---- 8: compaction ---- */
+
+#define TC_N      40
+#define TC_UNTIL  1893456000777ull
+#define TC_WAIT   3500 /* ms: the check runs every second */
+
+static uint64_t mono_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+/* One message per turn (each batch alone) so that they spread over segments; true when done. */
+static bool tc_commit(struct ctx *c, unsigned n)
+{
+	if (c->nmsg == c->ndone && c->nmsg < n)
+		commit_one(c, false);
+	return c->ndone == n;
+}
+
+/* Every live message but keep[] delivered. */
+static void tc_final_except(struct ctx *c, const unsigned *keep, unsigned nkeep)
+{
+	for (unsigned i = 0; i < c->nmsg; i++) {
+		bool k = false;
+		for (unsigned j = 0; j < nkeep; j++)
+			k |= keep[j] == i;
+		if (!k && spool_entry_find(c->sw, c->ids[i]))
+			CHECK(c, mark(c, i, SPOOL_STATE_DELIVERED) == 0);
+	}
+}
+
+static uint64_t tc_compacted(struct ctx *c)
+{
+	struct spool_stats st;
+	spool_stats(c->sp, &st); /* this worker's own counters */
+	return st.compacted;
+}
+
+/* How many message records with this id the segments in w0/ hold now. */
+static unsigned tc_copies(const struct ctx *c, uint64_t id)
+{
+	uint64_t seqs[32];
+	unsigned n = seg_list(c->dir, seqs, 32), k = 0;
+	for (unsigned s = 0; s < n; s++) {
+		uint64_t ids[MAXM * 2];
+		unsigned m = seg_ids(c->dir, seqs[s], ids, MAXM * 2);
+		for (unsigned j = 0; j < m; j++)
+			k += ids[j] == id;
+	}
+	return k;
+}
+
+/* The first segment's messages: keeps h held and d deferred (2, TC_UNTIL) with rcpt 1 done. */
+static void tc_hold_defer(struct ctx *c, unsigned h, unsigned d)
+{
+	CHECK(c, mark(c, h, SPOOL_STATE_HELD) == 0);
+	struct spool_entry *e = spool_entry_find(c->sw, c->ids[d]);
+	CHECK(c, e != NULL);
+	if (!e)
+		return;
+	CHECK(c, spool_entry_mark(c->sw, e,
+				  &(struct state_rec){.state = SPOOL_STATE_DEFERRED,
+						      .attempts = 2,
+						      .until_ms = TC_UNTIL}) == 0);
+	CHECK(c, spool_entry_mark(c->sw, e,
+				  &(struct state_rec){.state = SPOOL_STATE_RCPT_DONE, .rcpt = 1}) ==
+		     0);
+}
+
+static void tc_check_held(struct ctx *c, unsigned h)
+{
+	struct spool_entry *e = spool_entry_find(c->sw, c->ids[h]);
+	CHECK(c, e != NULL);
+	if (!e)
+		return;
+	CHECK(c, e->state == SPOOL_STATE_HELD && e->attempts == 0 && e->until_ms == 0);
+	CHECK(c, e->nrcpt_done == 0);
+	check_read(c, e, h, false);
+}
+
+static void tc_check_deferred(struct ctx *c, unsigned d)
+{
+	struct spool_entry *e = spool_entry_find(c->sw, c->ids[d]);
+	CHECK(c, e != NULL);
+	if (!e)
+		return;
+	CHECK(c, e->state == SPOOL_STATE_DEFERRED && e->attempts == 2 && e->until_ms == TC_UNTIL);
+	CHECK(c, e->nrcpt_done == 1 && e->rcpt_done && e->rcpt_done[0] == 1);
+	check_read(c, e, d, false);
+}
+
+/* hooks.added of a restart: exactly h (held) and d (deferred, rcpt 1 done), in that order. */
+static void tc_check_announced(struct ctx *c, unsigned h, unsigned d)
+{
+	CHECK(c, c->nadded == 2);
+	if (c->nadded != 2)
+		return;
+	CHECK(c, c->added_id[0] == c->ids[h] && c->added_id[1] == c->ids[d]);
+	CHECK(c, c->added_state[0] == SPOOL_STATE_HELD && c->added_ndone[0] == 0);
+	CHECK(c, c->added_attempts[0] == 0 && c->added_until[0] == 0);
+	CHECK(c, c->added_state[1] == SPOOL_STATE_DEFERRED);
+	CHECK(c, c->added_attempts[1] == 2 && c->added_until[1] == TC_UNTIL);
+	CHECK(c, c->added_ndone[1] == 1 && c->added_done[1][0] == 1);
+}
+
+/*
+ * The oldest segment keeps a held and a deferred message, everything else is
+ * final: both are copied forward with their state, the segments go while the
+ * engine runs, and a restart finds them as they were.
+ */
+static void t8_run1_step(struct ctx *c)
+{
+	switch (c->phase) {
+	case 0: {
+		/* 0 held, 1 deferred while the first segment is written: their states are in it */
+		if (c->ndone == 2 && !c->u[9]) {
+			tc_hold_defer(c, 0, 1);
+			c->u[9] = 1;
+		}
+		if (!tc_commit(c, TC_N))
+			return;
+		t4_map(c);
+		CHECK(c, t4.nseg >= 3 && t4.nids[0] >= 3);
+		if (t4.nseg < 3 || t4.nids[0] < 3) {
+			stop(c);
+			return;
+		}
+		unsigned keep[2] = {0, 1};
+		CHECK(c, t4.ids[0][0] == c->ids[0] && t4.ids[0][1] == c->ids[1]);
+		c->u[0] = keep[0];
+		c->u[1] = keep[1];
+		tc_final_except(c, keep, 2);
+		CHECK(c, spool_worker_live(c->sw) == 2);
+		/* the oldest segment is live: nothing after it goes */
+		for (unsigned s = 0; s < t4.nseg; s++)
+			CHECK(c, seg_exists(c->dir, t4.seqs[s]));
+		CHECK(c, tc_copies(c, c->ids[keep[0]]) == 1 && tc_copies(c, c->ids[keep[1]]) == 1);
+		c->u[2] = mono_ms();
+		c->phase = 1;
+		return;
+	}
+	case 1: {
+		unsigned h = (unsigned)c->u[0], d = (unsigned)c->u[1];
+		if ((tc_compacted(c) < 2 || seg_exists(c->dir, t4.seqs[0])) &&
+		    mono_ms() - c->u[2] < TC_WAIT)
+			return;
+		CHECK(c, tc_compacted(c) == 2);
+		/* the old segments are gone while the engine runs; the copies are elsewhere */
+		for (unsigned s = 0; s + 1 < t4.nseg; s++)
+			CHECK(c, !seg_exists(c->dir, t4.seqs[s]));
+		CHECK(c, tc_copies(c, c->ids[h]) == 1 && tc_copies(c, c->ids[d]) == 1);
+		CHECK(c, spool_worker_live(c->sw) == 2);
+		CHECK(c, spool_held(c->sp) == 1 && spool_queued(c->sp) == 1);
+		tc_check_held(c, h);
+		tc_check_deferred(c, d);
+		stop(c);
+		return;
+	}
+	}
+}
+
+static void t8_run2_step(struct ctx *c)
+{
+	unsigned h = (unsigned)c->u[0], d = (unsigned)c->u[1];
+	tc_check_announced(c, h, d);
+	CHECK(c, spool_worker_live(c->sw) == 2);
+	tc_check_held(c, h);
+	tc_check_deferred(c, d);
+	for (unsigned s = 0; s + 1 < t4.nseg; s++)
+		CHECK(c, !seg_exists(c->dir, t4.seqs[s]));
+	stop(c);
+}
+
+static void test_compaction(void **state)
+{
+	(void)state;
+	struct ctx *c = calloc(1, sizeof(*c));
+	make_dir(c);
+	c->segment_size = 4096;
+	c->body_size = 100;
+	c->compact_after_ms = 50;
+	c->step = t8_run1_step;
+	run(c);
+	assert_int_equal(c->nok, TC_N);
+	assert_int_equal(c->stats.compacted, 2);
+	assert_int_equal(c->stats.failed, 0);
+	assert_int_equal(c->stats.failed_states, 0);
+	assert_int_equal(c->queued, 1);
+	assert_int_equal(c->held, 1);
+
+	c->announce = true;
+	c->step = t8_run2_step;
+	run(c);
+	assert_int_equal(c->stats.recovered, 1);
+	assert_int_equal(c->stats.recovered_held, 1);
+	assert_int_equal(c->stats.recovered_bad, 0);
+	assert_int_equal(c->stats.compacted, 0);
+	remove_dir(c->dir);
+	free(c);
+}
+
+/*
+ * A crash after the copies were durable but before the old segment was
+ * removed: the same message records (and their states) in a newer segment.
+ * Recovery takes each id once, from the newer segment; the old segment goes
+ * while the engine runs, and the next start finds the same from the copies.
+ */
+#define T11_N 8
+
+static void t11_run1_step(struct ctx *c)
+{
+	switch (c->phase) {
+	case 0: {
+		for (unsigned i = 0; i < T11_N; i++)
+			commit_one(c, false);
+		c->phase = 1;
+		return;
+	}
+	case 1: {
+		if (c->ndone < T11_N)
+			return;
+		/* 0 held, 1 deferred (rcpt 1 done), 2 queued, the rest final */
+		tc_hold_defer(c, 0, 1);
+		unsigned keep[3] = {0, 1, 2};
+		tc_final_except(c, keep, 3);
+		stop(c);
+		return;
+	}
+	}
+}
+
+static size_t tc_put_state(uint8_t *out, uint64_t id, const struct state_rec *r)
+{
+	uint8_t p[STATE_PAYLOAD_SIZE];
+	state_payload_encode_rec(p, r);
+	struct iovec iv = {p, sizeof(p)};
+	size_t pad = record_header_encode(out, RECORD_STATE, 0, id, &iv, 1);
+	memcpy(out + RECORD_HEADER_SIZE, p, sizeof(p));
+	memset(out + RECORD_HEADER_SIZE + sizeof(p), 0, pad);
+	return RECORD_HEADER_SIZE + sizeof(p) + pad;
+}
+
+static uint8_t *tc_load(const char *path, size_t *len)
+{
+	struct stat st;
+	assert_int_equal(stat(path, &st), 0);
+	uint8_t *buf = malloc((size_t)st.st_size);
+	assert_non_null(buf);
+	FILE *f = fopen(path, "rb");
+	assert_non_null(f);
+	assert_int_equal(fread(buf, 1, (size_t)st.st_size, f), (size_t)st.st_size);
+	fclose(f);
+	*len = (size_t)st.st_size;
+	return buf;
+}
+
+/* Finds message id's record in a loaded segment. */
+static bool tc_find_rec(const uint8_t *buf, size_t len, uint64_t id, struct record *rec)
+{
+	struct record_reader rr;
+	record_reader_init(&rr, SEGMENT_HEADER_SIZE);
+	while (record_next(&rr, buf, len, rec) == 1)
+		if (rec->type == RECORD_MESSAGE && rec->queue_id == id)
+			return true;
+	return false;
+}
+
+/* What compaction would have written for 0, 1 and 2, as a newer segment. */
+static void t11_forge(struct ctx *c)
+{
+	t4_map(c);
+	assert_int_equal(t4.nseg, 1);
+	assert_int_equal(t4.nids[0], T11_N);
+	char path[600];
+	seg_path(c->dir, t4.seqs[0], path, sizeof(path));
+	size_t len;
+	uint8_t *buf = tc_load(path, &len);
+	uint8_t *out = calloc(1, len + 4096);
+	assert_non_null(out);
+	uint64_t seq = t4.seqs[0] + 1;
+	segment_header_encode(out, 0, seq, (uint64_t)time(NULL));
+	size_t olen = SEGMENT_HEADER_SIZE;
+	for (unsigned i = 0; i < 3; i++) {
+		struct record rec;
+		assert_true(tc_find_rec(buf, len, c->ids[i], &rec));
+		size_t sz = record_encoded_size(rec.length);
+		assert_true(rec.offset + sz <= len);
+		memcpy(out + olen, buf + rec.offset, sz);
+		olen += sz;
+	}
+	olen += tc_put_state(out + olen, c->ids[0], &(struct state_rec){.state = SPOOL_STATE_HELD});
+	olen += tc_put_state(out + olen, c->ids[1],
+			     &(struct state_rec){.state = SPOOL_STATE_DEFERRED,
+						 .attempts = 2,
+						 .until_ms = TC_UNTIL});
+	olen += tc_put_state(out + olen, c->ids[1],
+			     &(struct state_rec){.state = SPOOL_STATE_RCPT_DONE, .rcpt = 1});
+	seg_path(c->dir, seq, path, sizeof(path));
+	int fd = open(path, O_WRONLY | O_CREAT | O_EXCL, 0600);
+	assert_true(fd >= 0);
+	assert_int_equal(write(fd, out, olen), (ssize_t)olen);
+	close(fd);
+	c->u[0] = t4.seqs[0];
+	c->u[1] = seq;
+	free(out);
+	free(buf);
+}
+
+/* After recovery: the old copies damaged, so reading one of them would fail. */
+static void t11_after_open(struct ctx *c)
+{
+	char path[600];
+	seg_path(c->dir, c->u[0], path, sizeof(path));
+	assert_true(seg_exists(c->dir, c->u[0])); /* its state records are still needed */
+	size_t len;
+	uint8_t *buf = tc_load(path, &len);
+	int fd = open(path, O_RDWR);
+	assert_true(fd >= 0);
+	for (unsigned i = 0; i < 3; i++) {
+		struct record rec;
+		assert_true(tc_find_rec(buf, len, c->ids[i], &rec));
+		flip(fd, rec.offset + RECORD_HEADER_SIZE + rec.length - 3);
+	}
+	close(fd);
+	free(buf);
+}
+
+static void t11_check(struct ctx *c)
+{
+	CHECK(c, c->nadded == 3);
+	if (c->nadded == 3) {
+		for (unsigned k = 0; k < 3; k++)
+			CHECK(c, c->added_id[k] == c->ids[k]); /* each once */
+		CHECK(c, c->added_state[0] == SPOOL_STATE_HELD && c->added_ndone[0] == 0);
+		CHECK(c, c->added_state[1] == SPOOL_STATE_DEFERRED &&
+			     c->added_attempts[1] == 2 && c->added_until[1] == TC_UNTIL);
+		CHECK(c, c->added_ndone[1] == 1 && c->added_done[1][0] == 1);
+		CHECK(c, c->added_state[2] == SPOOL_STATE_QUEUED && c->added_ndone[2] == 0);
+	}
+	CHECK(c, spool_worker_live(c->sw) == 3);
+	tc_check_held(c, 0);
+	tc_check_deferred(c, 1);
+	struct spool_entry *e = spool_entry_find(c->sw, c->ids[2]);
+	CHECK(c, e && e->state == SPOOL_STATE_QUEUED && e->nrcpt_done == 0);
+	if (e)
+		check_read(c, e, 2, false);
+	for (unsigned i = 3; i < T11_N; i++)
+		CHECK(c, spool_entry_find(c->sw, c->ids[i]) == NULL);
+}
+
+static void t11_run2_step(struct ctx *c)
+{
+	t11_check(c);
+	/* nothing live is left in the old segment: it goes while the engine runs */
+	CHECK(c, !seg_exists(c->dir, c->u[0]));
+	CHECK(c, seg_exists(c->dir, c->u[1]));
+	stop(c);
+}
+
+static void t11_run3_step(struct ctx *c)
+{
+	t11_check(c);
+	stop(c);
+}
+
+static void test_compaction_crash_before_removal(void **state)
+{
+	(void)state;
+	struct ctx *c = calloc(1, sizeof(*c));
+	make_dir(c);
+	c->segment_size = 4096;
+	c->body_size = 100;
+	c->compact_after_ms = 3600000;
+	c->step = t11_run1_step;
+	run(c);
+	assert_int_equal(c->nok, T11_N);
+	t11_forge(c);
+
+	c->announce = true;
+	c->after_open = t11_after_open;
+	c->step = t11_run2_step;
+	run(c);
+	assert_int_equal(c->stats.recovered, 2); /* 1 and 2, once each */
+	assert_int_equal(c->stats.recovered_held, 1);
+	assert_int_equal(c->stats.recovered_bad, 0);
+
+	/* the old segment and its state records are gone: the copies carry the states */
+	c->step = t11_run3_step;
+	run(c);
+	assert_int_equal(c->stats.recovered, 2);
+	assert_int_equal(c->stats.recovered_held, 1);
+	assert_int_equal(c->stats.recovered_bad, 0);
+	remove_dir(c->dir);
+	free(c);
+}
+
+/*
+ * Not compacted: the oldest segment more than a quarter live (u[5] messages
+ * kept), or closed for less than compact_after_ms.
+ */
+static void t9_step(struct ctx *c)
+{
+	switch (c->phase) {
+	case 0: {
+		if (!tc_commit(c, TC_N))
+			return;
+		t4_map(c);
+		unsigned nkeep = (unsigned)c->u[5];
+		CHECK(c, t4.nseg >= 3 && t4.nids[0] >= nkeep);
+		if (t4.nseg < 3 || t4.nids[0] < nkeep) {
+			stop(c);
+			return;
+		}
+		unsigned keep[8];
+		uint64_t bytes = 0;
+		for (unsigned k = 0; k < nkeep; k++) {
+			keep[k] = idx_of(c, t4.ids[0][k]);
+			struct spool_entry *e = spool_entry_find(c->sw, c->ids[keep[k]]);
+			CHECK(c, e != NULL);
+			if (e)
+				bytes += e->len;
+		}
+		tc_final_except(c, keep, nkeep);
+		/* the case this run is about */
+		CHECK(c, (bytes > c->segment_size / 4) == (c->compact_after_ms < 1000));
+		c->u[2] = mono_ms();
+		c->phase = 1;
+		return;
+	}
+	case 1:
+		if (mono_ms() - c->u[2] < 2300) /* two checks at least */
+			return;
+		CHECK(c, tc_compacted(c) == 0);
+		for (unsigned s = 0; s < t4.nseg; s++)
+			CHECK(c, seg_exists(c->dir, t4.seqs[s]));
+		CHECK(c, spool_worker_live(c->sw) == c->u[5]);
+		for (unsigned k = 0; k < c->u[5]; k++) {
+			unsigned i = idx_of(c, t4.ids[0][k]);
+			struct spool_entry *e = spool_entry_find(c->sw, c->ids[i]);
+			CHECK(c, e != NULL);
+			CHECK(c, tc_copies(c, c->ids[i]) == 1);
+			if (e)
+				check_read(c, e, i, false);
+		}
+		stop(c);
+		return;
+	}
+}
+
+static void t9_case(uint64_t compact_after_ms, unsigned nkeep)
+{
+	struct ctx *c = calloc(1, sizeof(*c));
+	make_dir(c);
+	c->segment_size = 4096;
+	c->body_size = 100;
+	c->compact_after_ms = compact_after_ms;
+	c->u[5] = nkeep;
+	c->step = t9_step;
+	run(c);
+	assert_int_equal(c->nok, TC_N);
+	assert_int_equal(c->stats.compacted, 0);
+	assert_int_equal(c->queued, nkeep);
+	struct spool_stats st;
+	uint64_t q, h;
+	reopen_counts(c, &st, &q, &h);
+	assert_int_equal(st.recovered, nkeep);
+	assert_int_equal(q, nkeep);
+	remove_dir(c->dir);
+	free(c);
+}
+
+static void test_compaction_not_too_live(void **state)
+{
+	(void)state;
+	t9_case(50, 5); /* 5 of ~240 octets: more than 1024 */
+}
+
+static void test_compaction_not_too_young(void **state)
+{
+	(void)state;
+	t9_case(60000, 1);
+}
+
+/*
+ * Messages made final while their copies are on the way: a (final before the
+ * copy is written, in the same turn) and c (final while the copy's batch is in
+ * flight) do not come back; b (held) is copied.
+ */
+static void t10_pre(struct ctx *c)
+{
+	if (c->phase != 1 || c->u[6] || c->stopped)
+		return;
+	struct spool_entry *e = spool_entry_find(c->sw, c->ids[c->u[0]]);
+	if (e && e->moving) {
+		CHECK(c, mark(c, (unsigned)c->u[0], SPOOL_STATE_DELIVERED) == 0);
+		c->u[6] = 1;
+	}
+}
+
+static void t10_post(struct ctx *c)
+{
+	if (c->phase != 1 || c->u[7] || c->stopped)
+		return;
+	struct spool_entry *e = spool_entry_find(c->sw, c->ids[c->u[2]]);
+	if (e && e->moving) {
+		CHECK(c, mark(c, (unsigned)c->u[2], SPOOL_STATE_BOUNCED) == 0);
+		c->u[7] = 1;
+	}
+}
+
+static void t10_run1_step(struct ctx *c)
+{
+	switch (c->phase) {
+	case 0: {
+		if (!tc_commit(c, TC_N))
+			return;
+		t4_map(c);
+		CHECK(c, t4.nseg >= 3 && t4.nids[0] >= 3);
+		if (t4.nseg < 3 || t4.nids[0] < 3) {
+			stop(c);
+			return;
+		}
+		unsigned keep[3];
+		for (unsigned k = 0; k < 3; k++)
+			keep[k] = idx_of(c, t4.ids[0][k]);
+		c->u[0] = keep[0];
+		c->u[1] = keep[1];
+		c->u[2] = keep[2];
+		CHECK(c, mark(c, keep[1], SPOOL_STATE_HELD) == 0);
+		tc_final_except(c, keep, 3);
+		c->u[3] = mono_ms();
+		c->phase = 1;
+		return;
+	}
+	case 1:
+		if ((tc_compacted(c) < 1 || seg_exists(c->dir, t4.seqs[0])) &&
+		    mono_ms() - c->u[3] < TC_WAIT)
+			return;
+		CHECK(c, c->u[6] == 1 && c->u[7] == 1);
+		CHECK(c, tc_compacted(c) == 1); /* b only: the others' copies landed dead */
+		CHECK(c, !seg_exists(c->dir, t4.seqs[0]));
+		CHECK(c, spool_entry_find(c->sw, c->ids[c->u[0]]) == NULL);
+		CHECK(c, spool_entry_find(c->sw, c->ids[c->u[2]]) == NULL);
+		CHECK(c, spool_worker_live(c->sw) == 1);
+		/* the dead copies were written (the old segment is gone) */
+		CHECK(c, tc_copies(c, c->ids[c->u[0]]) == 1);
+		CHECK(c, tc_copies(c, c->ids[c->u[2]]) == 1);
+		tc_check_held(c, (unsigned)c->u[1]);
+		stop(c);
+		return;
+	}
+}
+
+static void t10_run2_step(struct ctx *c)
+{
+	CHECK(c, c->nadded == 1);
+	if (c->nadded == 1)
+		CHECK(c, c->added_id[0] == c->ids[c->u[1]] &&
+			     c->added_state[0] == SPOOL_STATE_HELD);
+	CHECK(c, spool_worker_live(c->sw) == 1);
+	CHECK(c, spool_entry_find(c->sw, c->ids[c->u[0]]) == NULL);
+	CHECK(c, spool_entry_find(c->sw, c->ids[c->u[2]]) == NULL);
+	tc_check_held(c, (unsigned)c->u[1]);
+	stop(c);
+}
+
+static void test_compaction_final_in_flight(void **state)
+{
+	(void)state;
+	struct ctx *c = calloc(1, sizeof(*c));
+	make_dir(c);
+	c->segment_size = 4096;
+	c->body_size = 100;
+	c->compact_after_ms = 50;
+	c->step = t10_run1_step;
+	c->turn_pre = t10_pre;
+	c->turn_post = t10_post;
+	run(c);
+	assert_int_equal(c->nok, TC_N);
+	assert_int_equal(c->stats.compacted, 1);
+	assert_int_equal(c->held, 1);
+	assert_int_equal(c->queued, 0);
+
+	c->announce = true;
+	c->step = t10_run2_step;
+	run(c);
+	assert_int_equal(c->stats.recovered, 0);
+	assert_int_equal(c->stats.recovered_held, 1);
+	assert_int_equal(c->stats.recovered_bad, 0);
+	remove_dir(c->dir);
+	free(c);
+}
+
 /* ---- 6: state payloads and the table ---- */
 
 static void test_state_payload_roundtrip(void **state)
@@ -1331,6 +1938,11 @@ int main(void)
 		cmocka_unit_test(test_recovery_removed_segment_does_not_pin),
 		cmocka_unit_test(test_read_damaged),
 		cmocka_unit_test(test_failed_state_write),
+		cmocka_unit_test(test_compaction),
+		cmocka_unit_test(test_compaction_crash_before_removal),
+		cmocka_unit_test(test_compaction_not_too_live),
+		cmocka_unit_test(test_compaction_not_too_young),
+		cmocka_unit_test(test_compaction_final_in_flight),
 		cmocka_unit_test(test_state_payload_roundtrip),
 		cmocka_unit_test(test_state_payload_old_writers),
 		cmocka_unit_test(test_state_payload_values),
