@@ -132,8 +132,10 @@ static void sink_session_close(void *ctx)
 	atomic_fetch_sub_explicit(&sw->ctx->open_conns, 1, memory_order_relaxed);
 }
 
-static unsigned sink_rcpt_check(void *ctx, const char *addr, size_t len, char *text, size_t cap)
+static unsigned sink_rcpt_check(void *ctx, struct smtp_session *s, const char *addr, size_t len,
+				char *text, size_t cap)
 {
+	(void)s;
 	struct sink_worker *sw = ctx;
 	const struct sink_ctx *c = sw->ctx;
 	for (unsigned i = 0; i < c->nrcpt_fails; i++) {

@@ -41,6 +41,7 @@
 #define DOMAIN_TTL_MS   60000
 #define BACKOFF_BASE_MS 1000 /* a site that failed to connect: 1 s, doubling, up to retry_max */
 #define DIAG_MAX        512
+#define JOB_RCPTS_MAX   100 /* smtp_client's max_rcpts: more is -E2BIG, never sent */
 
 /* ---- small things ---- */
 
@@ -71,7 +72,10 @@ static void bucket_init(struct bucket *b, const struct ph_rate *r)
 	if (!r->count || !r->per_ms)
 		return;
 	b->per_ms = (double)r->count / (double)r->per_ms;
-	b->burst = MAX(1.0, b->per_ms * 10.0); /* 10 ms worth: pacing, not bursts */
+	/* pacing, not bursts: one token and 20 ms worth of slack, so that a take that
+	   comes late (the wait rounded up, a busy loop) keeps what it earned meanwhile;
+	   capped at 1 token, each late take lost it and 100/s ran at ~88/s */
+	b->burst = 1.0 + b->per_ms * 20.0;
 	b->tokens = 1.0;
 }
 
@@ -967,10 +971,19 @@ static int conn_next_once(struct rconn *rc)
 	    .size = am->m.body_len,
 	};
 	int sr = smtp_client_send_msg(&rc->cl, &rc->msg);
-	if (sr < 0) {
+	if (sr == -EBUSY) {
 		rc->job = NULL;
 		site_enqueue(s, j); /* not taken: another connection will */
 		return 0;
+	}
+	if (sr < 0) {
+		/* the client cannot send it at all (never re-queued: it would loop) */
+		rc->job = NULL;
+		char diag[DIAG_MAX];
+		snprintf(diag, sizeof(diag), "cannot send to %s: %s", rc->remote, strerror(-sr));
+		job_settle(j, sr == -ENOMEM ? RS_DEFER : RS_FAIL, sr == -ENOMEM ? "4.3.0" : "5.5.2",
+			   rc->remote, diag);
+		return 1;
 	}
 	if (sr == 1)
 		return 1; /* refused locally (SMTPUTF8, SIZE): settled already; the next one */
@@ -1414,9 +1427,9 @@ static void activate(struct relay_worker *rw, struct rq *q)
 			local_deliver(am, i);
 			continue;
 		}
-		/* every recipient of this domain in one job */
+		/* the recipients of this domain, JOB_RCPTS_MAX per job (one transaction each) */
 		uint32_t cnt = 0;
-		for (uint32_t k = i; k < n; k++) {
+		for (uint32_t k = i; k < n && cnt < JOB_RCPTS_MAX; k++) {
 			if (taken[k] || rcpt_done_before(q->e, k))
 				continue;
 			const struct spool_rcpt *o = &am->m.rcpts[k];

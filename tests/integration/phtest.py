@@ -303,14 +303,18 @@ class Sink:
     """A running `posthaste-bench sink`. The readiness probe is one full TCP
     connection (connect, read greeting, QUIT), counted in .probes."""
 
-    def __init__(self, bench, args, tmpdir, host="127.0.0.1", ready=True):
+    def __init__(self, bench, args, tmpdir, host="127.0.0.1", ready=True, port=None):
         self.host = host
-        self.port = free_port(host)
+        self.port = port or free_port(host)
         self.addr = hostport(host, self.port)
         self.args = list(args)
         self.cmd = [bench, "sink", "--listen", self.addr] + self.args
         self.tmpdir = str(tmpdir)
-        tag = "sink-%d" % self.port
+        tag = "sink-%s-%d" % (host.replace(":", "_"), self.port)
+        for n in range(2, 10000):  # the same address again (a restarted sink): new files
+            if not os.path.exists(os.path.join(self.tmpdir, tag + ".out")):
+                break
+            tag = "sink-%s-%d-%d" % (host.replace(":", "_"), self.port, n)
         self.out_path = os.path.join(self.tmpdir, tag + ".out")
         self.err_path = os.path.join(self.tmpdir, tag + ".err")
         self._out = open(self.out_path, "wb")
