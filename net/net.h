@@ -61,6 +61,14 @@ struct net_proto {
 	 * closed; e.g. "421 4.3.2 Too many connections\r\n". Never a silent close.
 	 */
 	const char *refuse_msg;
+	/*
+	 * Optional: the handshake of a filter the protocol started on this
+	 * connection (STARTTLS: tls_conn_start) finished: err 0, or -errno
+	 * (reason logged; the connection is then closing and on_close(c, err)
+	 * follows). Not called for implicit-TLS listeners (net_engine_listen_filter):
+	 * there on_open itself comes after the handshake.
+	 */
+	void (*on_tls)(struct net_conn *c, int err);
 };
 
 /* Per-worker hooks of the program (all optional), run on the worker thread. */
@@ -86,6 +94,7 @@ struct net_config {
 	unsigned shutdown_grace_ms; /* longest wait for connections to finish at shutdown; default 5000 */
 	int listen_backlog;       /* default 4096 */
 	unsigned connect_timeout_ms; /* net_connect gives up after this (on_open -ETIMEDOUT); 0 = the kernel's */
+	unsigned handshake_timeout_ms; /* filtered listeners (implicit TLS): a handshake not done by then is dropped; default 30000 */
 };
 
 /* Fills *cfg with the defaults above. */
@@ -104,6 +113,19 @@ void net_engine_free(struct net_engine **e);
  */
 int net_engine_listen(struct net_engine *e, const char *host, uint16_t port,
 		      const struct net_proto *proto, void *ctx);
+
+/*
+ * As net_engine_listen, and every accepted connection gets a filter (implicit
+ * TLS, RFC 8314) from filter_start(c, arg), which calls net_conn_set_filter and
+ * returns 0 or -errno (then the connection is dropped). The protocol's on_open
+ * runs only once the filter's handshake succeeded; a connection whose
+ * handshake fails, times out (handshake_timeout_ms) or is cut by the peer is
+ * closed without any protocol callback (on_open, on_tls, on_close). tls/ wraps
+ * this as tls_listen. Before net_engine_run only. Returns as net_engine_listen.
+ */
+int net_engine_listen_filter(struct net_engine *e, const char *host, uint16_t port,
+			     const struct net_proto *proto, void *ctx,
+			     int (*filter_start)(struct net_conn *c, void *arg), void *arg);
 
 /* The port listener number `i` (in order of net_engine_listen calls) is bound to: useful after asking for port 0. */
 uint16_t net_engine_listener_port(const struct net_engine *e, unsigned i);
@@ -246,5 +268,66 @@ void net_conn_set_timeout(struct net_conn *c, uint64_t ms);
 void net_conn_close(struct net_conn *c);
 /* Closes now, dropping queued output; on_close(c, err) follows. */
 void net_conn_abort(struct net_conn *c, int err);
+
+/* ---- filters: a transformation of the byte stream (TLS), implemented outside net/ ---- */
+
+/*
+ * A filter sits between the socket and the protocol: received octets go to
+ * input() and the protocol's on_data sees what read() returns; what the
+ * protocol sends goes to write() and what output() returns is sent. The engine
+ * drives it from its loop; no call blocks. All calls run on the connection's
+ * worker thread. `f` is the filter's own state.
+ */
+struct net_filter_ops {
+	/* Octets received from the peer; the filter copies them. 0 or -errno. */
+	int (*input)(void *f, const void *data, size_t len);
+	/* Advances the handshake: 1 done, 0 needs more input, -errno failed (reason logged). */
+	int (*handshake)(void *f);
+	/*
+	 * Decoded octets into buf (at most cap): the count (> 0), 0 when more
+	 * input is needed, -EPIPE when the peer ended the session cleanly, or
+	 * another -errno (reason logged).
+	 */
+	long (*read)(void *f, void *buf, size_t cap);
+	/* Encodes all len octets (only after the handshake). 0 or -errno. */
+	int (*write)(void *f, const void *data, size_t len);
+	/* Octets waiting to be sent to the peer. */
+	size_t (*output_pending)(void *f);
+	/* Moves up to cap of them into buf; returns the count. */
+	size_t (*output)(void *f, void *buf, size_t cap);
+	/* Queues the end of the session (TLS close_notify) after what was written. */
+	void (*close)(void *f);
+	/* Frees f: the connection is gone (after on_close). */
+	void (*free)(void *f);
+};
+
+/* Size of the largest octet run a filter's read() is given (one TLS record). */
+#define NET_FILTER_READ_MAX 16384u
+
+/*
+ * Puts a filter on the connection (STARTTLS; tls_conn_start calls this).
+ * From then on:
+ * - output the protocol queued before this call goes out as it is, first
+ *   (the "220 Ready to start TLS" reply), then the handshake;
+ * - input received before the switch is never delivered: net drops what it
+ *   holds for a paused connection; the protocol must drop whatever it has
+ *   buffered itself, including the rest of the on_data call it is in
+ *   (octets pipelined after STARTTLS, CVE-2011-0411);
+ * - on_tls(c, 0) reports the handshake done, then on_data sees decoded
+ *   octets; on failure on_tls(c, -errno) and the connection closes;
+ * - net_send* take plaintext: it is encoded at the end of the loop turn
+ *   (batched into records) and a referenced segment's release runs once it is
+ *   encoded; net_conn_pending counts plaintext and encoded octets;
+ * - net_conn_close sends the filter's close (close_notify) after the output;
+ * - do not pause reading before the handshake is done.
+ * The filter owns f from this call on, even when it fails: ops->free(f) runs
+ * when the connection goes. Returns 0, -EALREADY (a filter is set: f is not
+ * taken), or -EPIPE (the connection is closing: f is not taken).
+ */
+int net_conn_set_filter(struct net_conn *c, const struct net_filter_ops *ops, void *f);
+/* The state of the connection's filter if its ops are `ops`, else NULL. */
+void *net_conn_filter(const struct net_conn *c, const struct net_filter_ops *ops);
+/* True once the connection's filter finished its handshake. */
+bool net_conn_filter_ready(const struct net_conn *c);
 
 #endif

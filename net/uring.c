@@ -90,6 +90,10 @@ struct seg {
 	char data[];
 };
 
+struct segq {
+	struct seg *head, *tail;
+};
+
 /* ---- connections ---- */
 
 enum conn_flag {
@@ -107,7 +111,13 @@ enum conn_flag {
 	CF_EOF = 1u << 11,        /* peer closed its side */
 	CF_SHUT_ASKED = 1u << 12, /* on_shutdown was called */
 	CF_STARVED = 1u << 13,    /* recv ended with ENOBUFS: re-armed when buffers come back */
+	CF_PREOPEN = 1u << 14,    /* filtered listener: on_open waits for the handshake */
+	CF_FMORE = 1u << 15,      /* the filter may hold decoded input: read it on resume */
+	CF_FCLOSED = 1u << 16,    /* the filter's close was queued */
 };
+
+/* A connection's filter (TLS): absent, handshaking, open, or failed. */
+enum filter_state { FS_NONE = 0, FS_START, FS_HANDSHAKE, FS_OPEN, FS_FAILED };
 
 struct held_buf {
 	uint16_t bid;
@@ -125,8 +135,9 @@ struct net_conn {
 	const struct net_proto *proto;
 	void *data;
 	void *lctx;
-	struct seg *out_head, *out_tail;
-	size_t pending;
+	struct segq out;     /* octets for the socket */
+	struct segq *sendq;  /* where net_send* queue: &out, or &plain under a filter */
+	size_t pending;      /* octets queued and not yet sent: out and plain */
 	struct net_conn *dirty_next;
 	struct net_timer timer;
 	/* input received while reading was paused: delivered, in order, on resume */
@@ -136,12 +147,20 @@ struct net_conn {
 	struct iovec iov[SEND_IOV];
 	struct sockaddr_storage peer;
 	struct sockaddr_storage local;
+	/* filter (TLS): the protocol's output waits in plain until encoded into out */
+	const struct net_filter_ops *fops;
+	void *f;
+	enum filter_state fstate;
+	struct segq plain;
+	size_t plain_pending;
 };
 
 struct listener {
 	int fds[256]; /* one per worker; index = worker */
 	const struct net_proto *proto;
 	void *ctx;
+	int (*filter_start)(struct net_conn *c, void *arg);
+	void *filter_arg;
 	char host[64];
 	uint16_t port;
 };
@@ -188,6 +207,8 @@ struct net_worker {
 	struct seg *ref_pool;
 	unsigned ref_pool_n;
 
+	char *fbuf; /* decoded input of a filtered connection, during on_data */
+
 	/* timers: min-heap by deadline */
 	struct net_timer **heap;
 	unsigned heap_n, heap_cap;
@@ -221,6 +242,7 @@ void net_config_default(struct net_config *cfg)
 		.out_low_water = 64 * 1024,
 		.shutdown_grace_ms = 5000,
 		.listen_backlog = 4096,
+		.handshake_timeout_ms = 30000,
 	};
 }
 
@@ -400,26 +422,40 @@ static struct seg *seg_new_ref(struct net_worker *w)
 	return s;
 }
 
-static void out_append(struct net_conn *c, struct seg *s)
+static void segq_append(struct segq *q, struct seg *s)
 {
-	if (c->out_tail)
-		c->out_tail->next = s;
+	if (q->tail)
+		q->tail->next = s;
 	else
-		c->out_head = s;
-	c->out_tail = s;
+		q->head = s;
+	q->tail = s;
+}
+
+static void segq_clear(struct net_worker *w, struct segq *q)
+{
+	/* detached first: a release callback may queue output (or fail to) */
+	struct seg *s = q->head;
+	q->head = q->tail = NULL;
+	while (s) {
+		struct seg *n = s->next;
+		seg_free(w, s);
+		s = n;
+	}
+}
+
+/* Drops the plaintext a filter has not encoded yet. */
+static void plain_clear(struct net_conn *c)
+{
+	c->pending -= c->plain_pending;
+	c->plain_pending = 0;
+	segq_clear(c->w, &c->plain);
 }
 
 static void out_clear(struct net_conn *c)
 {
-	/* detached first: a release callback may queue output (or fail to) */
-	struct seg *s = c->out_head;
-	c->out_head = c->out_tail = NULL;
+	plain_clear(c);
 	c->pending = 0;
-	while (s) {
-		struct seg *n = s->next;
-		seg_free(c->w, s);
-		s = n;
-	}
+	segq_clear(c->w, &c->out);
 }
 
 /* ---- connection slots ---- */
@@ -438,6 +474,7 @@ static struct net_conn *conn_alloc(struct net_worker *w)
 	c->gen = gen;
 	c->fd = -1;
 	c->flags = CF_OPEN;
+	c->sendq = &c->out;
 	w->nconns++;
 	return c;
 }
@@ -459,6 +496,11 @@ static void conn_release(struct net_conn *c)
 	out_clear(c);
 	held_drop(c);
 	net_timer_stop(w, &c->timer);
+	if (c->fops) {
+		c->fops->free(c->f);
+		c->fops = NULL;
+		c->f = NULL;
+	}
 	c->flags = 0;
 	c->gen++;
 	w->next_free[c->idx] = w->free_head;
@@ -481,6 +523,12 @@ static void conn_timer_fire(struct net_timer *t, struct net_worker *w)
 {
 	struct net_conn *c = container_of(t, struct net_conn, timer);
 	(void)w;
+	if (c->flags & CF_PREOPEN) {
+		/* an implicit-TLS connection whose handshake did not finish in time */
+		log_debug("net: filter handshake timed out; connection dropped");
+		net_conn_abort(c, -ETIMEDOUT);
+		return;
+	}
 	if (c->flags & (CF_CLOSING | CF_ABORT)) {
 		/* a graceful close that could not flush in time: the peer reads nothing */
 		net_conn_abort(c, -ETIMEDOUT);
@@ -521,7 +569,7 @@ static void cancel_recv(struct net_conn *c)
 static void submit_send(struct net_conn *c)
 {
 	unsigned n = 0;
-	for (struct seg *s = c->out_head; s && n < SEND_IOV; s = s->next) {
+	for (struct seg *s = c->out.head; s && n < SEND_IOV; s = s->next) {
 		if (!s->len)
 			continue;
 		c->iov[n].iov_base = (void *)s->ptr;
@@ -556,13 +604,228 @@ static void conn_finish(struct net_conn *c)
 		c->fd = -1;
 	}
 	int err = c->close_err;
+	/* a filtered listener's connection that never opened gets no callback at all */
+	bool opened = !(c->flags & CF_PREOPEN);
+	bool handshaking = c->fstate == FS_START || c->fstate == FS_HANDSHAKE;
 	/* During on_close the connection takes no more output and is never re-listed. */
 	c->flags = CF_CLOSING | CF_ABORT | CF_DIRTY;
 	net_timer_stop(w, &c->timer);
 	out_clear(c); /* releases of unsent references run before on_close */
-	if (c->proto && c->proto->on_close)
+	if (unlikely(handshaking)) {
+		c->fstate = FS_FAILED;
+		if (opened && c->proto->on_tls)
+			c->proto->on_tls(c, err ? err : -ECONNRESET);
+	}
+	if (opened && c->proto && c->proto->on_close)
 		c->proto->on_close(c, err);
 	conn_release(c);
+}
+
+/* ---- filters ---- */
+
+static const char *peer_str(struct net_conn *c, char *buf, size_t len)
+{
+	const struct sockaddr_storage *ss = net_conn_peer(c);
+	const void *a = ss->ss_family == AF_INET6 ? (const void *)&((const struct sockaddr_in6 *)ss)->sin6_addr
+						  : (const void *)&((const struct sockaddr_in *)ss)->sin_addr;
+	if (ss->ss_family != AF_INET && ss->ss_family != AF_INET6)
+		return "?";
+	if (!inet_ntop(ss->ss_family, a, buf, (socklen_t)len))
+		return "?";
+	return buf;
+}
+
+/*
+ * The filter failed (or its peer left during the handshake): a pending
+ * handshake is reported to the protocol, the plaintext that was never
+ * encoded is dropped, and whatever the filter still has to say (an alert)
+ * is flushed before the close.
+ */
+static void filter_fail(struct net_conn *c, int err)
+{
+	bool report = c->fstate == FS_START || c->fstate == FS_HANDSHAKE;
+	c->fstate = FS_FAILED;
+	plain_clear(c);
+	if (!c->close_err)
+		c->close_err = err;
+	if (report && !(c->flags & CF_PREOPEN) && c->proto->on_tls)
+		c->proto->on_tls(c, err);
+	net_conn_close(c);
+}
+
+/* Moves the filter's output into the socket queue (one copy, into the tail chunk). */
+static int filter_drain(struct net_conn *c)
+{
+	size_t avail;
+	while ((avail = c->fops->output_pending(c->f)) > 0) {
+		struct seg *t = c->out.tail;
+		if (!t || !t->cap || t->fill == t->cap || t->ptr + t->len != t->data + t->fill) {
+			t = seg_new_owned(c->w, CHUNK_SIZE);
+			if (!t)
+				return -ENOMEM;
+			segq_append(&c->out, t);
+		}
+		size_t room = t->cap - t->fill;
+		size_t n = c->fops->output(c->f, t->data + t->fill, room < avail ? room : avail);
+		if (!n)
+			break;
+		t->fill += (uint32_t)n;
+		t->len += (uint32_t)n;
+		c->pending += n;
+	}
+	return 0;
+}
+
+/* Advances the handshake, then hands decoded input to the protocol while it reads. */
+static void filter_pump(struct net_conn *c)
+{
+	struct net_worker *w = c->w;
+	c->flags &= ~CF_FMORE;
+	if (c->fstate == FS_START)
+		c->fstate = FS_HANDSHAKE;
+	if (c->fstate == FS_HANDSHAKE) {
+		int r = c->fops->handshake(c->f);
+		if (r == 0)
+			return;
+		if (r < 0) {
+			filter_fail(c, r);
+			return;
+		}
+		c->fstate = FS_OPEN;
+		conn_kick(c); /* plaintext queued during the handshake can go now */
+		if (c->flags & CF_PREOPEN) {
+			c->flags &= ~CF_PREOPEN;
+			net_timer_stop(w, &c->timer);
+			if (c->proto->on_open)
+				c->proto->on_open(c, 0);
+		} else if (c->proto->on_tls) {
+			c->proto->on_tls(c, 0);
+		}
+	}
+	if (c->fstate != FS_OPEN || !c->proto->on_data)
+		return;
+	if (!w->fbuf && !(w->fbuf = malloc(NET_FILTER_READ_MAX))) {
+		net_conn_abort(c, -ENOMEM);
+		return;
+	}
+	while (conn_wants_read(c)) {
+		long n = c->fops->read(c->f, w->fbuf, NET_FILTER_READ_MAX);
+		if (n == 0)
+			return;
+		if (n < 0) {
+			if (n == -EPIPE) { /* the peer ended the session: as an EOF */
+				c->flags |= CF_EOF;
+				net_conn_close(c);
+			} else {
+				filter_fail(c, (int)n);
+			}
+			return;
+		}
+		struct iovec iov = {w->fbuf, (size_t)n};
+		c->proto->on_data(c, &iov, 1);
+	}
+	c->flags |= CF_FMORE; /* paused (or closing) with input possibly left in the filter */
+}
+
+/* Received octets of a filtered connection. */
+static void filter_input(struct net_conn *c, const char *p, size_t len)
+{
+	conn_kick(c); /* what the filter answers goes out at the end of the turn */
+	if (c->fstate == FS_FAILED)
+		return;
+	int r = c->fops->input(c->f, p, len);
+	if (r < 0)
+		filter_fail(c, r);
+	else
+		filter_pump(c);
+}
+
+/*
+ * At the end of a loop turn: start a handshake, resume decoding for a
+ * protocol that resumed reading, encode the queued plaintext (at most
+ * out_high_water ahead of the socket, so referenced bodies are not copied
+ * long before they can be sent), queue the close, move output to the socket.
+ */
+static void filter_service(struct net_conn *c)
+{
+	if (c->fstate == FS_START || ((c->flags & CF_FMORE) && conn_wants_read(c)))
+		filter_pump(c);
+	if (c->fstate == FS_OPEN) {
+		bool closing = c->flags & (CF_CLOSING | CF_ABORT);
+		size_t ahead = c->w->e->cfg.out_high_water;
+		while (c->plain.head && (closing || c->pending - c->plain_pending < ahead)) {
+			struct seg *s = c->plain.head;
+			if (s->len) {
+				int r = c->fops->write(c->f, s->ptr, s->len);
+				if (r < 0) {
+					filter_fail(c, r);
+					break;
+				}
+				c->pending -= s->len;
+				c->plain_pending -= s->len;
+				s->ptr += s->len;
+				s->len = 0;
+				if (filter_drain(c) < 0) {
+					net_conn_abort(c, -ENOMEM);
+					return;
+				}
+			}
+			/* an owned chunk may still take appended bytes: keep it if it is the tail */
+			if (s == c->plain.tail && s->cap && s->fill < s->cap)
+				break;
+			c->plain.head = s->next;
+			if (!c->plain.head)
+				c->plain.tail = NULL;
+			seg_free(c->w, s); /* a reference's release runs once it is encoded */
+		}
+		if ((c->flags & CF_CLOSING) && c->fstate == FS_OPEN && !c->plain_pending &&
+		    !(c->flags & CF_FCLOSED)) {
+			c->fops->close(c->f);
+			c->flags |= CF_FCLOSED;
+		}
+	} else if (c->flags & CF_CLOSING) {
+		plain_clear(c); /* the handshake never finished: nothing can be encoded */
+	}
+	if (filter_drain(c) < 0)
+		net_conn_abort(c, -ENOMEM);
+}
+
+/* Received octets: to the filter if there is one, else to the protocol in place. */
+static inline void conn_deliver(struct net_conn *c, char *p, size_t len)
+{
+	if (unlikely(c->fops)) {
+		filter_input(c, p, len);
+	} else {
+		struct iovec iov = {p, len};
+		c->proto->on_data(c, &iov, 1);
+	}
+}
+
+int net_conn_set_filter(struct net_conn *c, const struct net_filter_ops *ops, void *f)
+{
+	if (c->fops)
+		return -EALREADY;
+	if (c->flags & (CF_CLOSING | CF_ABORT))
+		return -EPIPE;
+	/* input received before the switch is plaintext sent before our go-ahead: dropped */
+	held_drop(c);
+	c->fops = ops;
+	c->f = f;
+	c->fstate = FS_START;
+	c->sendq = &c->plain;
+	c->flags &= ~CF_FMORE;
+	conn_kick(c);
+	return 0;
+}
+
+void *net_conn_filter(const struct net_conn *c, const struct net_filter_ops *ops)
+{
+	return c->fops == ops ? c->f : NULL;
+}
+
+bool net_conn_filter_ready(const struct net_conn *c)
+{
+	return c->fstate == FS_OPEN;
 }
 
 static void held_deliver(struct net_conn *c)
@@ -570,8 +833,7 @@ static void held_deliver(struct net_conn *c)
 	struct net_worker *w = c->w;
 	while (c->held_head < c->held_n && conn_wants_read(c)) {
 		struct held_buf hb = c->held[c->held_head++];
-		struct iovec iov = {w->bufs + (size_t)hb.bid * w->e->cfg.buf_size, hb.len};
-		c->proto->on_data(c, &iov, 1);
+		conn_deliver(c, w->bufs + (size_t)hb.bid * w->e->cfg.buf_size, hb.len);
 		buf_return(w, hb.bid);
 	}
 	if (c->held_head == c->held_n)
@@ -609,6 +871,13 @@ static void conn_service(struct net_conn *c)
 	if (c->flags & CF_ABORT) {
 		conn_finish(c);
 		return;
+	}
+	if (unlikely(c->fops)) {
+		filter_service(c);
+		if (c->flags & CF_ABORT) {
+			conn_finish(c);
+			return;
+		}
 	}
 	if (c->pending && !(c->flags & CF_SENDING))
 		submit_send(c);
@@ -714,14 +983,19 @@ static int send_check(struct net_conn *c, size_t len)
 static void send_queued(struct net_conn *c, size_t len)
 {
 	c->pending += len;
-	if (c->pending > c->w->e->cfg.out_high_water && !(c->flags & CF_PAUSED_BP))
+	if (unlikely(c->sendq != &c->out))
+		c->plain_pending += len;
+	/* not while a handshake is pending: the plaintext drains only after it, and the
+	   handshake needs the reads */
+	if (c->pending > c->w->e->cfg.out_high_water && !(c->flags & CF_PAUSED_BP) &&
+	    c->fstate != FS_START && c->fstate != FS_HANDSHAKE)
 		c->flags |= CF_PAUSED_BP;
 	conn_kick(c);
 }
 
 static int copy_in(struct net_conn *c, const char *p, size_t len)
 {
-	struct seg *t = c->out_tail;
+	struct seg *t = c->sendq->tail;
 	if (t && t->cap && t->fill < t->cap && t->ptr + t->len == t->data + t->fill) {
 		size_t room = t->cap - t->fill;
 		size_t n = len < room ? len : room;
@@ -738,7 +1012,7 @@ static int copy_in(struct net_conn *c, const char *p, size_t len)
 		memcpy(s->data, p, len);
 		s->fill = (uint32_t)len;
 		s->len = (uint32_t)len;
-		out_append(c, s);
+		segq_append(c->sendq, s);
 	}
 	return 0;
 }
@@ -792,7 +1066,7 @@ int net_send_ref_release(struct net_conn *c, const void *data, size_t len,
 	s->len = (uint32_t)len;
 	s->release = release;
 	s->release_arg = arg;
-	out_append(c, s);
+	segq_append(c->sendq, s);
 	send_queued(c, len);
 	return 0;
 }
@@ -888,6 +1162,16 @@ static void on_accept_cqe(struct net_worker *w, uint64_t ud, const struct io_uri
 	c->proto = l->proto;
 	c->lctx = l->ctx;
 	conn_kick(c);
+	if (l->filter_start) {
+		/* implicit TLS: on_open once the handshake is done */
+		c->flags |= CF_PREOPEN;
+		c->timer.fire = conn_timer_fire;
+		net_timer_start(w, &c->timer, w->e->cfg.handshake_timeout_ms);
+		int r = l->filter_start(c, l->filter_arg);
+		if (r < 0)
+			net_conn_abort(c, r);
+		return;
+	}
 	if (c->proto->on_open)
 		c->proto->on_open(c, 0);
 }
@@ -920,8 +1204,7 @@ static void on_recv_cqe(struct net_worker *w, uint64_t ud, const struct io_uring
 				net_conn_abort(c, -ENOMEM);
 			}
 		} else {
-			struct iovec iov = {w->bufs + (size_t)bid * w->e->cfg.buf_size, (size_t)res};
-			c->proto->on_data(c, &iov, 1);
+			conn_deliver(c, w->bufs + (size_t)bid * w->e->cfg.buf_size, (size_t)res);
 			buf_return(w, bid);
 		}
 		return;
@@ -929,6 +1212,18 @@ static void on_recv_cqe(struct net_worker *w, uint64_t ud, const struct io_uring
 	if (has_buf)
 		buf_return(w, bid);
 	if (res == 0) {
+		if (unlikely(c->fops) && (c->fstate == FS_START || c->fstate == FS_HANDSHAKE)) {
+			char a[INET6_ADDRSTRLEN];
+			if (c->flags & CF_PREOPEN)
+				log_debug("net: %s closed the connection during the handshake",
+					  peer_str(c, a, sizeof(a)));
+			else
+				log_info("net: %s closed the connection during the TLS handshake",
+					 peer_str(c, a, sizeof(a)));
+			c->flags |= CF_EOF;
+			filter_fail(c, -ECONNRESET);
+			return;
+		}
 		c->flags |= CF_EOF;
 		net_conn_close(c);
 		return;
@@ -984,8 +1279,8 @@ static void on_send_cqe(struct net_worker *w, uint64_t ud, const struct io_uring
 	}
 	size_t n = (size_t)cqe->res;
 	c->pending -= n;
-	while (n && c->out_head) {
-		struct seg *s = c->out_head;
+	while (n && c->out.head) {
+		struct seg *s = c->out.head;
 		size_t k = n < s->len ? n : s->len;
 		s->ptr += k;
 		s->len -= (uint32_t)k;
@@ -993,11 +1288,11 @@ static void on_send_cqe(struct net_worker *w, uint64_t ud, const struct io_uring
 		if (s->len)
 			break;
 		/* an owned chunk may still take appended bytes: keep it if it is the tail */
-		if (s == c->out_tail && s->cap && s->fill < s->cap)
+		if (s == c->out.tail && s->cap && s->fill < s->cap)
 			break;
-		c->out_head = s->next;
-		if (!c->out_head)
-			c->out_tail = NULL;
+		c->out.head = s->next;
+		if (!c->out.head)
+			c->out.tail = NULL;
 		seg_free(w, s);
 	}
 	if ((c->flags & CF_PAUSED_BP) && c->pending <= w->e->cfg.out_low_water) {
@@ -1246,6 +1541,8 @@ static void worker_teardown(struct net_worker *w)
 	free(w->heap);
 	free(w->starved);
 	w->starved = NULL;
+	free(w->fbuf);
+	w->fbuf = NULL;
 	w->bufs = NULL;
 	w->conns = NULL;
 	w->next_free = NULL;
@@ -1296,6 +1593,10 @@ static void worker_begin_stop(struct net_worker *w)
 		struct net_conn *c = &w->conns[i];
 		if (!(c->flags & CF_OPEN) || (c->flags & (CF_CLOSING | CF_ABORT)))
 			continue;
+		if (c->flags & CF_PREOPEN) {
+			net_conn_abort(c, -ESHUTDOWN);
+			continue;
+		}
 		c->flags |= CF_SHUT_ASKED;
 		if (c->proto->on_shutdown && !(c->flags & CF_CONNECTING))
 			c->proto->on_shutdown(c);
@@ -1458,6 +1759,8 @@ struct net_engine *net_engine_new(const struct net_config *cfg, const struct net
 		e->cfg.shutdown_grace_ms = def.shutdown_grace_ms;
 	if (!e->cfg.listen_backlog)
 		e->cfg.listen_backlog = def.listen_backlog;
+	if (!e->cfg.handshake_timeout_ms)
+		e->cfg.handshake_timeout_ms = def.handshake_timeout_ms;
 	if (e->cfg.buf_count & (e->cfg.buf_count - 1) || e->cfg.buf_count > 32768 ||
 	    e->cfg.max_conns > 0xffffffu) {
 		free(e);
@@ -1556,6 +1859,13 @@ fail:;
 int net_engine_listen(struct net_engine *e, const char *host, uint16_t port,
 		      const struct net_proto *proto, void *ctx)
 {
+	return net_engine_listen_filter(e, host, port, proto, ctx, NULL, NULL);
+}
+
+int net_engine_listen_filter(struct net_engine *e, const char *host, uint16_t port,
+			     const struct net_proto *proto, void *ctx,
+			     int (*filter_start)(struct net_conn *c, void *arg), void *arg)
+{
 	if (e->nlisteners == MAX_LISTENERS)
 		return -ENOSPC;
 	struct sockaddr_storage ss;
@@ -1585,6 +1895,8 @@ int net_engine_listen(struct net_engine *e, const char *host, uint16_t port,
 	l->port = port;
 	l->proto = proto;
 	l->ctx = ctx;
+	l->filter_start = filter_start;
+	l->filter_arg = arg;
 	for (unsigned i = 0; i < e->nworkers; i++) {
 		int fd = listen_socket((struct sockaddr *)&ss, len, e->cfg.listen_backlog);
 		if (fd < 0) {

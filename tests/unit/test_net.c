@@ -675,6 +675,180 @@ static void test_poll(void **state)
 	}
 }
 
+/* ---- filters: a toy XOR filter, no handshake ---- */
+
+struct xor_filter {
+	char in[4096], out[4096];
+	size_t in_len, out_len;
+	_Atomic unsigned *freed;
+};
+
+static int xf_input(void *f, const void *data, size_t len)
+{
+	struct xor_filter *x = f;
+	if (len > sizeof(x->in) - x->in_len)
+		return -ENOBUFS;
+	memcpy(x->in + x->in_len, data, len);
+	x->in_len += len;
+	return 0;
+}
+static int xf_handshake(void *f)
+{
+	(void)f;
+	return 1;
+}
+static long xf_read(void *f, void *buf, size_t cap)
+{
+	struct xor_filter *x = f;
+	size_t n = x->in_len < cap ? x->in_len : cap;
+	for (size_t i = 0; i < n; i++)
+		((char *)buf)[i] = (char)(x->in[i] ^ 0x20);
+	memmove(x->in, x->in + n, x->in_len - n);
+	x->in_len -= n;
+	return (long)n;
+}
+static int xf_write(void *f, const void *data, size_t len)
+{
+	struct xor_filter *x = f;
+	if (len > sizeof(x->out) - x->out_len)
+		return -ENOBUFS;
+	for (size_t i = 0; i < len; i++)
+		x->out[x->out_len + i] = (char)(((const char *)data)[i] ^ 0x20);
+	x->out_len += len;
+	return 0;
+}
+static size_t xf_output_pending(void *f)
+{
+	return ((struct xor_filter *)f)->out_len;
+}
+static size_t xf_output(void *f, void *buf, size_t cap)
+{
+	struct xor_filter *x = f;
+	size_t n = x->out_len < cap ? x->out_len : cap;
+	memcpy(buf, x->out, n);
+	memmove(x->out, x->out + n, x->out_len - n);
+	x->out_len -= n;
+	return n;
+}
+static void xf_close(void *f)
+{
+	(void)f;
+}
+static void xf_free(void *f)
+{
+	struct xor_filter *x = f;
+	(*x->freed)++;
+	free(x);
+}
+static const struct net_filter_ops xor_ops = {
+	.input = xf_input, .handshake = xf_handshake, .read = xf_read, .write = xf_write,
+	.output_pending = xf_output_pending, .output = xf_output, .close = xf_close, .free = xf_free,
+};
+
+struct switch_ctx {
+	_Atomic unsigned tls_ok, freed, closes;
+	char first[64]; /* the first decoded input */
+	size_t first_len;
+};
+
+/* "SWITCH\n": pause reading, and 100 ms later say "OK\n" in plaintext and set the filter */
+static void sw_data(struct net_conn *c, const struct iovec *iov, unsigned n)
+{
+	struct switch_ctx *x = net_conn_listener_ctx(c);
+	if (net_conn_filter(c, &xor_ops)) {
+		if (!x->first_len) {
+			x->first_len = iov[0].iov_len < sizeof(x->first) ? iov[0].iov_len : sizeof(x->first);
+			memcpy(x->first, iov[0].iov_base, x->first_len);
+		}
+		for (unsigned i = 0; i < n; i++)
+			net_send(c, iov[i].iov_base, iov[i].iov_len);
+		return;
+	}
+	if (memmem(iov[0].iov_base, iov[0].iov_len, "SWITCH\n", 7)) {
+		net_conn_pause_reading(c);
+		net_conn_set_timeout(c, 100);
+	}
+}
+
+static void sw_timeout(struct net_conn *c)
+{
+	struct switch_ctx *x = net_conn_listener_ctx(c);
+	net_send(c, "OK\n", 3);
+	struct xor_filter *f = calloc(1, sizeof(*f));
+	f->freed = &x->freed;
+	assert_int_equal(net_conn_set_filter(c, &xor_ops, f), 0);
+	assert_int_equal(net_conn_set_filter(c, &xor_ops, f), -EALREADY);
+	net_conn_resume_reading(c);
+}
+
+static void sw_tls(struct net_conn *c, int err)
+{
+	struct switch_ctx *x = net_conn_listener_ctx(c);
+	if (!err && net_conn_filter_ready(c))
+		x->tls_ok++;
+}
+
+static void sw_close(struct net_conn *c, int err)
+{
+	(void)err;
+	struct switch_ctx *x = net_conn_listener_ctx(c);
+	x->closes++;
+}
+
+static const struct net_proto switch_proto = {
+	.on_data = sw_data, .on_timeout = sw_timeout, .on_tls = sw_tls, .on_close = sw_close,
+};
+
+/*
+ * Plaintext sent after the switch command and before the switch is never
+ * delivered as plaintext: if net held it (paused reading) it is dropped; if it
+ * was still in the kernel it goes to the filter, as ciphertext (a TLS
+ * handshake would fail on it). The output queued before the switch goes out
+ * as it is, the rest through the filter.
+ */
+static void test_filter_drops_held_input(void **state)
+{
+	(void)state;
+	struct net_config cfg;
+	net_config_default(&cfg);
+	cfg.workers = 1;
+	cfg.pin = false;
+	cfg.buf_count = 64;
+	struct switch_ctx x = {0};
+	struct harness h = {0};
+	h.e = net_engine_new(&cfg, NULL);
+	assert_non_null(h.e);
+	assert_int_equal(net_engine_listen(h.e, "127.0.0.1", 0, &switch_proto, &x), 0);
+	h.port = net_engine_listener_port(h.e, 0);
+	assert_int_equal(pthread_create(&h.thread, NULL, run_engine, &h), 0);
+
+	int fd = dial(h.port);
+	assert_int_equal(write(fd, "SWITCH\n", 7), 7);
+	usleep(20 * 1000);
+	assert_int_equal(write(fd, "INJECT\n", 7), 7); /* held: reading is paused */
+	char got[16];
+	read_exact(fd, got, 3);
+	assert_memory_equal(got, "OK\n", 3);
+	char enc[5];
+	for (int i = 0; i < 5; i++)
+		enc[i] = (char)("data\n"[i] ^ 0x20);
+	assert_int_equal(write(fd, enc, 5), 5);
+	read_exact(fd, got, 5);
+	if (got[0] == 'I') { /* INJECT went through the filter: decoded "inject", echoed encoded */
+		assert_memory_equal(got, "INJEC", 5);
+		read_exact(fd, got, 2);
+		read_exact(fd, got, 5);
+	}
+	assert_memory_equal(got, enc, 5); /* echoed through the filter */
+	close(fd);
+	assert_true(wait_until(&x.closes, 1, 5000));
+	assert_true(x.first_len > 0);
+	assert_null(memmem(x.first, x.first_len, "INJECT", 6)); /* never seen as plaintext */
+	assert_int_equal(x.tls_ok, 1);
+	harness_stop(&h);
+	assert_int_equal(x.freed, 1);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -690,6 +864,7 @@ int main(void)
 		cmocka_unit_test(test_connect),
 		cmocka_unit_test(test_connect_refused),
 		cmocka_unit_test(test_listen_errors),
+		cmocka_unit_test(test_filter_drops_held_input),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
