@@ -92,7 +92,7 @@ const char *user_address(const struct user *user);
 
 /*
  * The password-hash field as written (NUL-terminated; "" when empty). Only
- * meaningful when user_can_login; nothing checks passwords yet.
+ * meaningful when user_can_login; passwd_verify (passwd.h) checks passwords.
  */
 const char *user_password_hash(const struct user *user);
 

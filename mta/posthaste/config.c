@@ -2,6 +2,7 @@
 
 #include <arpa/inet.h>
 #include <limits.h>
+#include <netinet/in.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,6 +27,7 @@ enum ph_key_type {
 	PH_K_RESOLVER, /* char[size]: IP:PORT list, normalised */
 	PH_K_HOSTS,    /* char[size]: host list (ph_hosts_parse), normalised */
 	PH_K_DOMAINS,  /* char[size]: domain list, normalised */
+	PH_K_NETWORKS, /* char[size]: network list (ph_networks_parse), normalised */
 	PH_K_ROUTES,   /* route.DOMAIN keys: routes[], nroutes */
 	PH_K_DESTS,    /* destination.DOMAIN keys: dests[], ndests */
 };
@@ -59,11 +61,17 @@ static const struct ph_key ph_keys[] = {
     {"delivery", PH_K_BOOL, FIELD(delivery), 0, 0, NULL},
     {"log_level", PH_K_LOG_LEVEL, FIELD(log_level), 0, 0, NULL},
     {"max_queue_age", PH_K_DURATION, FIELD(max_queue_age_ms), 1000, 365 * DAY_MS, NULL},
+    /* AUTH */
+    {"smtp_auth", PH_K_BOOL, FIELD(smtp_auth), 0, 0, NULL},
+    {"smtp_auth_required", PH_K_BOOL, FIELD(smtp_auth_required), 0, 0, NULL},
+    {"smtp_auth_without_tls", PH_K_BOOL, FIELD(smtp_auth_without_tls), 0, 0, NULL},
     /* delivery */
     {"resolver", PH_K_RESOLVER, FIELD(resolver), 0, 0, "the system's resolv.conf"},
     {"smarthost", PH_K_HOSTS, FIELD(smarthost), 0, 0, "none: deliver by MX"},
     {"route", PH_K_ROUTES, FIELD(routes), 0, 0, NULL},
     {"local_domains", PH_K_DOMAINS, FIELD(local_domains), 0, 0, "none"},
+    {"mynetworks", PH_K_NETWORKS, FIELD(mynetworks), 0, 0, "none: no client may relay"},
+    {"relay_domains", PH_K_DOMAINS, FIELD(relay_domains), 0, 0, "none"},
     {"users_file", PH_K_PATH, FIELD(users_file), 0, 0, "none"},
     {"mailbox_root", PH_K_PATH, FIELD(mailbox_root), 1, 0, NULL},
     {"accounting_log", PH_K_PATH, FIELD(accounting_log), 1, 0, NULL},
@@ -82,7 +90,6 @@ static const struct ph_key ph_keys[] = {
 
 /* Keys of features still to come: named, so that a file written for them fails clearly. */
 static const char *const ph_reserved[] = {
-    "mynetworks",
     "tls_cert",
     "tls_key",
 };
@@ -128,6 +135,7 @@ void ph_config_default(struct ph_config *c)
 	/* delivery: every string and list empty (the memset), except: */
 	snprintf(c->mailbox_root, sizeof(c->mailbox_root), "./var/mail");
 	snprintf(c->accounting_log, sizeof(c->accounting_log), "./var/log/accounting.jsonl");
+	snprintf(c->mynetworks, sizeof(c->mynetworks), "127.0.0.0/8,::1/128"); /* loopback only */
 	c->limits.concurrency = 20;
 	c->limits.msg_rate.count = 0; /* unlimited */
 	c->limits.msg_rate.per_ms = 0;
@@ -641,12 +649,16 @@ static bool ph_domain_listed(const char *list, const char *s, size_t n)
 	return false;
 }
 
-/* local_domains: split at commas and blanks, checked, lower-cased, joined by single commas, each
- * once. */
-static int ph_domains_norm(const char *v, char *out, size_t outlen, char *err, size_t errlen)
+/*
+ * A domain list (local_domains, relay_domains; errors name the key as name):
+ * split at commas and blanks, checked, lower-cased, joined by single commas,
+ * each once.
+ */
+static int ph_domains_norm(const char *name, const char *v, char *out, size_t outlen, char *err,
+                           size_t errlen)
 {
-	/* it must also be written back on one line: "local_domains = " + the list */
-	size_t max = MIN(outlen - 1, CONFIG_LINE_MAX - strlen("local_domains = ")), n = 0;
+	/* it must also be written back on one line: "NAME = " + the list */
+	size_t max = MIN(outlen - 1, CONFIG_LINE_MAX - strlen(name) - 3), n = 0;
 	const char *p = v;
 
 	out[0] = '\0';
@@ -661,7 +673,7 @@ static int ph_domains_norm(const char *v, char *out, size_t outlen, char *err, s
 			;
 		if (!ph_domain_ok(b, (size_t)(p - b))) {
 			config_err(err, errlen,
-			           "local_domains: '%.*s%s' is not a domain name " PH_DOMAIN_HINT,
+			           "%s: '%.*s%s' is not a domain name " PH_DOMAIN_HINT, name,
 			           (int)MIN((size_t)(p - b), 64), b, p - b > 64 ? "..." : "");
 			return -1;
 		}
@@ -670,8 +682,7 @@ static int ph_domains_norm(const char *v, char *out, size_t outlen, char *err, s
 		if (n + (n ? 1 : 0) + (size_t)(p - b) > max) {
 			config_err(
 			    err, errlen,
-			    "local_domains: too long to be written on one configuration line "
-			    "(%u octets)",
+			    "%s: too long to be written on one configuration line (%u octets)", name,
 			    CONFIG_LINE_MAX);
 			return -1;
 		}
@@ -681,6 +692,189 @@ static int ph_domains_norm(const char *v, char *out, size_t outlen, char *err, s
 			out[n++] = ph_lower(*b++);
 		out[n] = '\0';
 	}
+}
+
+/* ---- mynetworks ---- */
+
+#define PH_NET_SHOW 64 /* octets of an entry shown in an error */
+
+/* One entry of a network list: s, n octets (no blank, no comma). */
+static int ph_net_parse(const char *s, size_t n, struct ph_net *net, char *err, size_t errlen)
+{
+	const char *end = s + n, *a = s, *ae, *slash;
+	int show = (int)MIN(n, PH_NET_SHOW);
+	const char *more = n > PH_NET_SHOW ? "..." : "";
+	char addr[64];
+	unsigned bits = 0, prefix;
+
+	memset(net, 0, sizeof(*net));
+	if (s[0] == '[') {
+		const char *close = memchr(s, ']', n);
+
+		if (!close) {
+			config_err(err, errlen, "'%.*s%s': no closing ']'", show, s, more);
+			return -1;
+		}
+		a = s + 1;
+		ae = close;
+		if (close + 1 < end && close[1] != '/') {
+			config_err(err, errlen, "'%.*s%s': expected '/PREFIX' after ']'", show, s,
+			           more);
+			return -1;
+		}
+		slash = close + 1 < end ? close + 1 : NULL;
+	} else {
+		slash = memchr(s, '/', n);
+		ae = slash ? slash : end;
+	}
+	if ((size_t)(ae - a) >= sizeof(addr))
+		goto bad_addr;
+	memcpy(addr, a, (size_t)(ae - a));
+	addr[ae - a] = '\0';
+	if (inet_pton(AF_INET, addr, net->addr) == 1) {
+		net->family = AF_INET;
+		bits = 32;
+	} else if (inet_pton(AF_INET6, addr, net->addr) == 1) {
+		net->family = AF_INET6;
+		bits = 128;
+	} else {
+	bad_addr:
+		config_err(err, errlen, "'%.*s%s': '%.*s%s' is not an IPv4 or IPv6 address", show, s,
+		           more, (int)MIN((size_t)(ae - a), PH_NET_SHOW), a,
+		           (size_t)(ae - a) > PH_NET_SHOW ? "..." : "");
+		return -1;
+	}
+	prefix = bits;
+	if (slash) {
+		const char *q = slash + 1;
+
+		if (q == end || end - q > 3)
+			goto bad_prefix;
+		for (prefix = 0; q < end; q++) {
+			if (*q < '0' || *q > '9')
+				goto bad_prefix;
+			prefix = prefix * 10 + (unsigned)(*q - '0');
+		}
+		if (prefix > bits) {
+		bad_prefix:
+			config_err(err, errlen, "'%.*s%s': invalid prefix length (0 to %u)", show, s,
+			           more, bits);
+			return -1;
+		}
+	}
+	net->prefix = prefix;
+	for (unsigned i = prefix; i < bits; i++) {
+		if (net->addr[i / 8] & (0x80u >> (i % 8))) {
+			config_err(err, errlen, "%.*s%s has host bits set", show, s, more);
+			return -1;
+		}
+	}
+	return 0;
+}
+
+int ph_networks_parse(const char *list, struct ph_net *out, unsigned max, char *err,
+                      size_t errlen)
+{
+	const char *p = list;
+	unsigned n = 0;
+
+	for (;;) {
+		const char *b;
+		struct ph_net net;
+
+		while (*p == ',' || ph_blank(*p))
+			p++;
+		if (!*p)
+			return (int)n;
+		for (b = p; *p && *p != ',' && !ph_blank(*p); p++)
+			;
+		if (ph_net_parse(b, (size_t)(p - b), &net, err, errlen) < 0)
+			return -1;
+		if (n >= max) {
+			config_err(err, errlen, "more than %u networks", max);
+			return -1;
+		}
+		if (out)
+			out[n] = net;
+		n++;
+	}
+}
+
+/* Whether addr (of net's family) is in net. */
+static bool ph_net_holds(const struct ph_net *net, const uint8_t *addr)
+{
+	unsigned full = net->prefix / 8, rest = net->prefix % 8;
+
+	if (memcmp(net->addr, addr, full) != 0)
+		return false;
+	return rest == 0 || ((net->addr[full] ^ addr[full]) & (0xffu << (8 - rest)) & 0xffu) == 0;
+}
+
+bool ph_networks_match(const struct ph_net *nets, unsigned n, const struct sockaddr_storage *sa)
+{
+	static const uint8_t mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+	uint8_t v4[4], v6[16];
+	bool has_v4 = false;
+
+	if (!nets || !sa)
+		return false;
+	if (sa->ss_family == AF_INET) {
+		const struct sockaddr_in *sin = (const struct sockaddr_in *)sa;
+
+		memcpy(v4, &sin->sin_addr, 4);
+		memcpy(v6, mapped, 12);
+		memcpy(v6 + 12, v4, 4);
+		has_v4 = true;
+	} else if (sa->ss_family == AF_INET6) {
+		const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)sa;
+
+		memcpy(v6, &sin6->sin6_addr, 16);
+		if (memcmp(v6, mapped, 12) == 0) {
+			memcpy(v4, v6 + 12, 4);
+			has_v4 = true;
+		}
+	} else {
+		return false;
+	}
+	for (unsigned i = 0; i < n; i++) {
+		const struct ph_net *net = &nets[i];
+
+		if (net->family == AF_INET && net->prefix <= 32 && has_v4 && ph_net_holds(net, v4))
+			return true;
+		if (net->family == AF_INET6 && net->prefix <= 128 && ph_net_holds(net, v6))
+			return true;
+	}
+	return false;
+}
+
+/* mynetworks: checked, each entry written ADDRESS/PREFIX (inet_ntop), joined by single commas. */
+static int ph_networks_norm(const char *name, const char *v, char *out, size_t outlen, char *err,
+                            size_t errlen)
+{
+	struct ph_net nets[PH_NETWORKS_MAX];
+	char why[256], a[INET6_ADDRSTRLEN], one[INET6_ADDRSTRLEN + 8];
+	size_t len = 0;
+	int n = ph_networks_parse(v, nets, PH_NETWORKS_MAX, why, sizeof(why));
+
+	if (n < 0) {
+		config_err(err, errlen, "%s: %s", name, why);
+		return -1;
+	}
+	out[0] = '\0';
+	for (int i = 0; i < n; i++) {
+		size_t l;
+
+		if (!inet_ntop(nets[i].family, nets[i].addr, a, sizeof(a)))
+			panic("ph_config: inet_ntop");
+		l = (size_t)snprintf(one, sizeof(one), "%s%s/%u", i ? "," : "", a, nets[i].prefix);
+		if (len + l >= outlen) {
+			config_err(err, errlen, "%s: longer than %zu octets", name, outlen - 1);
+			return -1;
+		}
+		memcpy(out + len, one, l + 1);
+		len += l;
+	}
+	return 0;
 }
 
 static int ph_name_index(const char *const *names, size_t n, const char *v)
@@ -918,6 +1112,24 @@ static int ph_set_dest(struct ph_config *c, const char *domain, const char *v, c
 	return 0;
 }
 
+/* A list value of key k (resolver, host, domain or network list) normalised into buf[k->size]. */
+static int ph_list_norm(const struct ph_key *k, const char *v, char *buf, char *err, size_t errlen)
+{
+	switch (k->type) {
+	case PH_K_RESOLVER:
+		return ph_resolver_norm(v, buf, k->size, err, errlen);
+	case PH_K_HOSTS:
+		return ph_hosts_norm(k->name, v, true, buf, k->size, err, errlen);
+	case PH_K_DOMAINS:
+		return ph_domains_norm(k->name, v, buf, k->size, err, errlen);
+	case PH_K_NETWORKS:
+		return ph_networks_norm(k->name, v, buf, k->size, err, errlen);
+	default:
+		break;
+	}
+	panic("ph_config: key type %d is not a list", (int)k->type);
+}
+
 static int ph_set(struct ph_config *c, const struct ph_key *k, const char *v, char *err,
                   size_t errlen)
 {
@@ -939,10 +1151,8 @@ static int ph_set(struct ph_config *c, const struct ph_key *k, const char *v, ch
 	case PH_K_RESOLVER:
 	case PH_K_HOSTS:
 	case PH_K_DOMAINS:
-		if ((k->type == PH_K_RESOLVER ? ph_resolver_norm(v, buf, k->size, err, errlen)
-		     : k->type == PH_K_HOSTS
-		         ? ph_hosts_norm(k->name, v, true, buf, k->size, err, errlen)
-		         : ph_domains_norm(v, buf, k->size, err, errlen)) < 0)
+	case PH_K_NETWORKS:
+		if (ph_list_norm(k, v, buf, err, errlen) < 0)
 			return -1;
 		memset(field, 0, k->size);
 		memcpy(field, buf, strlen(buf));
@@ -1108,10 +1318,7 @@ static int ph_check_list(const struct ph_key *k, const char *field, char *err, s
 		config_err(err, errlen, "%s: not NUL-terminated", k->name);
 		return -1;
 	}
-	rc = k->type == PH_K_RESOLVER ? ph_resolver_norm(field, buf, k->size, err, errlen)
-	     : k->type == PH_K_HOSTS
-	         ? ph_hosts_norm(k->name, field, true, buf, k->size, err, errlen)
-	         : ph_domains_norm(field, buf, k->size, err, errlen);
+	rc = ph_list_norm(k, field, buf, err, errlen);
 	if (rc < 0)
 		return -1;
 	if (strcmp(buf, field) != 0) {
@@ -1235,6 +1442,7 @@ static int ph_check_key(const struct ph_config *c, const struct ph_key *k, char 
 	case PH_K_RESOLVER:
 	case PH_K_HOSTS:
 	case PH_K_DOMAINS:
+	case PH_K_NETWORKS:
 		return ph_check_list(k, field, err, errlen);
 	case PH_K_ROUTES:
 		return ph_check_routes(c, err, errlen);
@@ -1300,6 +1508,15 @@ int ph_config_check(const struct ph_config *c, char *err, size_t errlen)
 	for (size_t i = 0; i < ARRAY_SIZE(ph_keys); i++)
 		if (ph_check_key(c, &ph_keys[i], err, errlen) < 0)
 			return -1;
+	if (c->smtp_auth && !c->users_file[0]) {
+		config_err(err, errlen, "smtp_auth: needs users_file (the logins)");
+		return -1;
+	}
+	if ((c->smtp_auth_required || c->smtp_auth_without_tls) && !c->smtp_auth) {
+		config_err(err, errlen, "%s: needs smtp_auth = yes",
+		           c->smtp_auth_required ? "smtp_auth_required" : "smtp_auth_without_tls");
+		return -1;
+	}
 	/* sockaddr_un holds 107 octets of path: the default one must fit too */
 	dir_len = strlen(c->spool_dir);
 	if (!c->control_socket[0] &&
@@ -1322,6 +1539,18 @@ int ph_config_check(const struct ph_config *c, char *err, size_t errlen)
 	if (c->local_domains[0] && !c->users_file[0]) {
 		config_err(err, errlen, "users_file: required when local_domains is set");
 		return -1;
+	}
+	for (const char *p = c->relay_domains; *p;) {
+		size_t n = strcspn(p, ",");
+
+		if (n && ph_domain_listed(c->local_domains, p, n)) {
+			config_err(err, errlen,
+			           "relay_domains: %.*s is in local_domains too (a domain is either "
+			           "delivered locally or relayed)",
+			           (int)MIN(n, 255), p);
+			return -1;
+		}
+		p += n + (p[n] == ',');
 	}
 	for (unsigned i = 0; i < c->nroutes; i++) {
 		const char *dom = c->routes[i].domain;
@@ -1359,6 +1588,11 @@ const char *ph_config_route_for(const struct ph_config *c, const char *domain)
 bool ph_config_is_local(const struct ph_config *c, const char *domain, size_t len)
 {
 	return len > 0 && ph_domain_listed(c->local_domains, domain, len);
+}
+
+bool ph_config_is_relay_domain(const struct ph_config *c, const char *domain, size_t len)
+{
+	return len > 0 && ph_domain_listed(c->relay_domains, domain, len);
 }
 
 /* ---- printing ---- */
@@ -1446,6 +1680,7 @@ void ph_config_print(const struct ph_config *c, FILE *f)
 		case PH_K_RESOLVER:
 		case PH_K_HOSTS:
 		case PH_K_DOMAINS:
+		case PH_K_NETWORKS:
 			ph_print_string(f, field, k->size);
 			zero = !field[0];
 			break;

@@ -17,6 +17,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <sys/socket.h>
 
 #include "core/log.h"
 
@@ -64,6 +65,19 @@ struct ph_dest {
 	struct ph_limits lim;
 };
 
+#define PH_NETWORKS_MAX 64 /* networks in mynetworks: size of a ph_net array */
+
+/*
+ * One network of mynetworks (ph_networks_parse): family AF_INET (addr[0..4),
+ * the rest 0; prefix 0..32) or AF_INET6 (addr[0..16); prefix 0..128); the
+ * bits of addr after the prefix are 0.
+ */
+struct ph_net {
+	int family;
+	uint8_t addr[16];
+	unsigned prefix;
+};
+
 /* One host of a host list (ph_hosts_parse). */
 struct ph_hostport {
 	char host[256]; /* a host name, or an IP address without its brackets */
@@ -92,6 +106,10 @@ struct ph_config {
 	bool delivery;
 	enum log_level log_level;  /* default info */
 	uint64_t max_queue_age_ms; /* default 5 d */
+	/* AUTH (docs/auth.md); all default no */
+	bool smtp_auth;             /* offer AUTH PLAIN LOGIN (needs users_file) */
+	bool smtp_auth_required;    /* MAIL before AUTH gets 530 5.7.0 (needs smtp_auth) */
+	bool smtp_auth_without_tls; /* offer AUTH without TLS: passwords in clear (tests only) */
 
 	/* ---- delivery (docs/configuration.md, "Delivery") ---- */
 	/* "" = the system's resolv.conf; else "IP:PORT[,IP:PORT...]" normalised: no blanks */
@@ -102,6 +120,14 @@ struct ph_config {
 	unsigned nroutes;
 	/* comma/blank-separated list, stored normalised: lower-case, single commas, no blanks */
 	char local_domains[4096];
+	/*
+	 * The clients that may relay to any domain: "CIDR[,CIDR...]" normalised
+	 * (ph_networks_parse's input, canonical addresses, prefix always written);
+	 * default "127.0.0.0/8,::1/128"; "" = none.
+	 */
+	char mynetworks[1024];
+	/* domains accepted from any client besides local_domains (a backup MX's); like local_domains */
+	char relay_domains[4096];
 	char users_file[4096];   /* "" default; required when local_domains is set */
 	char mailbox_root[4096]; /* default "./var/mail" */
 	struct ph_limits limits; /* the default per-destination limits (delivery_*) */
@@ -166,6 +192,35 @@ const char *ph_config_route_for(const struct ph_config *c, const char *domain);
 
 /* Whether the len octets at domain name one of local_domains (case-insensitive). */
 bool ph_config_is_local(const struct ph_config *c, const char *domain, size_t len);
+
+/* Whether the len octets at domain name one of relay_domains (case-insensitive, exact). */
+bool ph_config_is_relay_domain(const struct ph_config *c, const char *domain, size_t len);
+
+/* ---- relay access (mynetworks) ---- */
+
+/*
+ * Parses a network list: entries separated by commas and/or blanks (empty
+ * entries are skipped), each ADDRESS or ADDRESS/PREFIX; ADDRESS an IPv4 or
+ * IPv6 address, optionally in brackets ([::1]/128, [2001:db8::]/32); PREFIX
+ * 0..32 (IPv4) or 0..128 (IPv6); a bare address is /32 or /128. The bits
+ * after the prefix must be 0 ("10.0.0.1/8 has host bits set"). Fills
+ * out[0..count) in the order given (out may be NULL to only check) and
+ * returns the count (0 for an empty or blank list), or -1 with a reason in
+ * err (without the key's name): a bad address or prefix, host bits set,
+ * more than max networks.
+ */
+int ph_networks_parse(const char *list, struct ph_net *out, unsigned max, char *err,
+                      size_t errlen);
+
+/*
+ * Whether the address of sa (AF_INET or AF_INET6; anything else, or NULL,
+ * matches nothing) is in one of nets[0..n). An IPv4-mapped IPv6 address
+ * (::ffff:a.b.c.d, as a dual-stack socket reports IPv4 clients) matches the
+ * IPv4 entries as a.b.c.d would; and an IPv4 address matches the IPv6 entries
+ * that hold its mapped form (::ffff:0:0/96, ::/0), so the result does not
+ * depend on the kind of listening socket.
+ */
+bool ph_networks_match(const struct ph_net *nets, unsigned n, const struct sockaddr_storage *sa);
 
 /*
  * Parses a host list, "HOST[:PORT][,HOST[:PORT]...]" (blanks around the

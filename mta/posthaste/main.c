@@ -8,13 +8,16 @@
  *             [--discard] [--log-level LEVEL] [--check-config]
  *
  * With no file and no flags it runs on embedded defaults: 127.0.0.1:2525,
- * spool ./var/spool, fsync durability.
+ * spool ./var/spool, fsync durability. `posthaste queue ...` changes the
+ * running daemon's queue over its control socket (control.h).
  */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
 #include <netinet/in.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,7 +27,10 @@
 #include "core/compiler.h"
 #include "core/log.h"
 #include "mta/posthaste/config.h"
+#include "mta/posthaste/control.h"
 #include "mta/posthaste/queue_cmd.h"
+#include "mta/posthaste/user_cmd.h"
+#include "mta/local/passwd.h"
 #include "mta/local/users.h"
 #include "mta/relay/relay.h"
 #include "mta/smtp/smtp_server.h"
@@ -33,6 +39,10 @@
 
 /* Per worker: the glue between the SMTP server's message sink and the spool. */
 struct ph_worker {
+	const struct ph_config *cfg;
+	const struct ph_net *nets; /* mynetworks */
+	const struct users *users; /* local users, or NULL */
+	unsigned nnets;
 	struct spool_worker *sw;
 	struct relay_worker *rw; /* NULL without delivery */
 	struct relay *relay;
@@ -46,7 +56,10 @@ struct ph_ctx {
 	struct smtp_server *srv;
 	struct relay *relay;
 	struct users *users;
+	struct ph_net nets[64];
+	unsigned nnets;
 	struct ph_worker *workers;
+	struct ph_control *control; /* the control socket */
 };
 
 /* One SMTP transaction on its way into the spool. */
@@ -249,20 +262,52 @@ static void sink_abort(void *txn)
 	free(x);
 }
 
-/* Local domains: unknown users are refused at RCPT time, not bounced later. */
-static unsigned sink_rcpt_check(void *ctx, const char *addr, size_t len, char *text, size_t cap)
+/*
+ * The RCPT-time policy. Never an open relay: a client in mynetworks or an
+ * authenticated one may send anywhere; any other client only to local_domains
+ * and relay_domains (550 5.7.1). Local domains: unknown users are refused here (550 5.1.1), not
+ * bounced later.
+ */
+static unsigned sink_rcpt_check(void *ctx, struct smtp_session *s, const char *addr, size_t len,
+				char *text, size_t cap)
 {
 	struct ph_worker *pw = ctx;
-	if (!pw->relay)
-		return 0;
+	const struct ph_config *cfg = pw->cfg;
 	const char *at = memrchr(addr, '@', len);
-	if (!at || !relay_local_domain(pw->relay, at + 1, (size_t)(addr + len - at - 1)))
+	const char *dom = at ? at + 1 : "";
+	size_t dl = at ? (size_t)(addr + len - at - 1) : 0;
+	bool local = dl && ph_config_is_local(cfg, dom, dl);
+	if (!local && !(dl && ph_config_is_relay_domain(cfg, dom, dl)) &&
+	    !smtp_session_auth_user(s) &&
+	    !ph_networks_match(pw->nets, pw->nnets, net_conn_peer(smtp_session_conn(s)))) {
+		snprintf(text, cap, "5.7.1 <%.*s>: Relay access denied", (int)MIN(len, (size_t)256),
+			 addr);
+		return 550;
+	}
+	if (!local || !pw->users)
 		return 0;
-	if (relay_local_user(pw->relay, addr, len))
+	if (users_find(pw->users, addr, len, USERS_DELIM_DEFAULT))
 		return 0;
 	snprintf(text, cap, "5.1.1 <%.*s>: Recipient address rejected: User unknown",
 		 (int)MIN(len, (size_t)256), addr);
 	return 550;
+}
+
+/*
+ * AUTH: the login against the users file. Synchronous: the hash (yescrypt,
+ * ~10-50 ms) runs on the worker thread and holds its other connections
+ * meanwhile (docs/auth.md); the rate limit bounds how often a client can
+ * make it run.
+ */
+static unsigned sink_auth_check(void *ctx, struct smtp_session *s, const char *authcid,
+				size_t authcid_len, const char *passwd, size_t passwd_len)
+{
+	struct ph_worker *pw = ctx;
+	(void)s;
+	if (!pw->users)
+		return 454;
+	int r = passwd_verify(pw->users, authcid, authcid_len, passwd, passwd_len, NULL);
+	return r == 1 ? 235 : r == 0 ? 535 : 454;
 }
 
 static const struct smtp_sink_ops spool_sink = {
@@ -271,6 +316,7 @@ static const struct smtp_sink_ops spool_sink = {
 	.txn_end = sink_end,
 	.txn_abort = sink_abort,
 	.rcpt_check = sink_rcpt_check,
+	.auth_check = sink_auth_check,
 };
 
 static int worker_init(struct net_worker *w, void *arg)
@@ -282,6 +328,10 @@ static int worker_init(struct net_worker *w, void *arg)
 		return r;
 	c->workers[i].sw = spool_worker(c->spool, i);
 	c->workers[i].hostname = c->hostname;
+	c->workers[i].cfg = &c->cfg;
+	c->workers[i].nets = c->nets;
+	c->workers[i].nnets = c->nnets;
+	c->workers[i].users = c->users;
 	if (c->relay) {
 		r = relay_worker_init(c->relay, w);
 		if (r < 0)
@@ -289,6 +339,9 @@ static int worker_init(struct net_worker *w, void *arg)
 		c->workers[i].rw = relay_worker(c->relay, i);
 		c->workers[i].relay = c->relay;
 	}
+	r = ph_control_worker_init(c->control, w, c->workers[i].sw, c->workers[i].rw);
+	if (r < 0)
+		return r;
 	return smtp_server_worker_init(c->srv, w, &spool_sink, &c->workers[i]);
 }
 
@@ -305,6 +358,7 @@ static void worker_fini(struct net_worker *w, void *arg)
 {
 	struct ph_ctx *c = arg;
 	struct ph_worker *pw = &c->workers[net_worker_index(w)];
+	ph_control_worker_fini(c->control, w);
 	if (pw->rw)
 		relay_worker_fini(pw->rw);
 	spool_worker_fini(pw->sw);
@@ -322,8 +376,12 @@ static void usage(FILE *f)
 	      "127.0.0.1:2525 with the spool in ./var/spool. --check-config prints the effective\n"
 	      "configuration and exits. See docs/configuration.md.\n"
 	      "       posthaste queue list [--json] | show ID   [--spool DIR | --config FILE]\n"
+	      "       posthaste queue hold|release|delete ID...|ALL | flush [ID...|ALL]\n"
 	      "Lists or shows the queued messages (reads the spool; works with or without the\n"
-	      "daemon running).\n",
+	      "daemon running); changes them through the running daemon's control socket, or\n"
+	      "the stopped daemon's spool. See `posthaste queue --help`.\n"
+	      "       posthaste user add|passwd|del ADDRESS [--users FILE | --config FILE]\n"
+	      "Edits the users file (logins for AUTH). See `posthaste user --help`.\n",
 	      f);
 }
 
@@ -331,6 +389,8 @@ int main(int argc, char **argv)
 {
 	if (argc > 1 && !strcmp(argv[1], "queue"))
 		return ph_queue_main(argc - 1, argv + 1);
+	if (argc > 1 && !strcmp(argv[1], "user"))
+		return ph_user_main(argc - 1, argv + 1);
 	static const struct option opts[] = {
 		{"config", required_argument, NULL, 'c'},
 		{"listen", required_argument, NULL, 'l'},
@@ -495,6 +555,9 @@ int main(int argc, char **argv)
 	sc.max_recipients = ctx.cfg.recipient_limit;
 	sc.timeout_command_ms = (unsigned)ctx.cfg.command_timeout_ms;
 	sc.timeout_data_ms = (unsigned)ctx.cfg.data_timeout_ms;
+	sc.auth = ctx.cfg.smtp_auth;
+	sc.auth_required = ctx.cfg.smtp_auth_required;
+	sc.auth_without_tls = ctx.cfg.smtp_auth_without_tls;
 	ctx.srv = smtp_server_new(&sc, e);
 	ctx.workers = aligned_alloc(CACHELINE, sizeof(*ctx.workers) * nw);
 	if (!ctx.srv || !ctx.workers) {
@@ -502,6 +565,13 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	memset(ctx.workers, 0, sizeof(*ctx.workers) * nw);
+	int nn = ph_networks_parse(ctx.cfg.mynetworks, ctx.nets, ARRAY_SIZE(ctx.nets), err,
+				   sizeof(err));
+	if (nn < 0) {
+		fprintf(stderr, "posthaste: %s\n", err);
+		return 1;
+	}
+	ctx.nnets = (unsigned)nn;
 	if (ctx.cfg.users_file[0]) {
 		ctx.users = users_load(ctx.cfg.users_file, err, sizeof(err));
 		if (!ctx.users) {
@@ -517,11 +587,38 @@ int main(int argc, char **argv)
 			return 1;
 		}
 	}
+	/*
+	 * From here on clients can connect: a SIGTERM or SIGINT now waits (blocked) for
+	 * net_engine_run, which blocks them too and takes the pending one, instead of
+	 * killing a daemon that has not started its loop yet.
+	 */
+	sigset_t stop_sigs;
+	sigemptyset(&stop_sigs);
+	sigaddset(&stop_sigs, SIGTERM);
+	sigaddset(&stop_sigs, SIGINT);
+	pthread_sigmask(SIG_BLOCK, &stop_sigs, NULL);
+	char ctl_path[sizeof(ctx.cfg.control_socket)];
+	if (ph_control_path(&ctx.cfg, NULL, ctl_path, sizeof(ctl_path)) < 0) {
+		fprintf(stderr, "posthaste: control_socket: the path is too long\n");
+		return 1;
+	}
+	ctx.control = ph_control_open(ctl_path, nw, err, sizeof(err)); /* the spool lock is ours */
+	if (!ctx.control) {
+		fprintf(stderr, "posthaste: %s\n", err);
+		return 1;
+	}
+	int cr = ph_control_start(ctx.control);
+	if (cr < 0) {
+		fprintf(stderr, "posthaste: cannot start the control thread: %s\n", strerror(-cr));
+		ph_control_close(&ctx.control);
+		return 1;
+	}
 	for (unsigned i = 0; i < ctx.cfg.nlisten; i++) {
 		int r = smtp_server_listen(ctx.srv, ctx.cfg.listen[i].host, ctx.cfg.listen[i].port);
 		if (r < 0) {
 			fprintf(stderr, "posthaste: cannot listen on %s:%u: %s\n",
 				ctx.cfg.listen[i].host, ctx.cfg.listen[i].port, strerror(-r));
+			ph_control_close(&ctx.control);
 			return 1;
 		}
 		log_info("posthaste: listening on %s:%u", ctx.cfg.listen[i].host,
@@ -533,6 +630,7 @@ int main(int argc, char **argv)
 						  : "none",
 		 ctx.cfg.discard ? ", discard route" : "");
 	int r = net_engine_run(e);
+	ph_control_close(&ctx.control); /* stops its thread, removes the socket */
 
 	struct spool_stats st;
 	spool_stats(ctx.spool, &st);

@@ -1,5 +1,6 @@
 /*
- * posthaste queue: list and show the spool's messages (see queue_cmd.h).
+ * posthaste queue: list and show the spool's messages; hold, release, delete
+ * and flush them through the running daemon, or offline (see queue_cmd.h).
  *
  * list prints what Postfix's mailq prints (one entry per message, recipients
  * indented below the sender, a total at the end), or with --json one object
@@ -20,14 +21,18 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
 #include <sys/file.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
+#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "core/compiler.h"
 #include "mta/posthaste/config.h"
+#include "mta/posthaste/control.h"
 #include "mta/smtp/smtp_server.h"
 #include "queue/spool.h"
 #include "queue/record.h"
@@ -47,13 +52,15 @@ static void usage(FILE *f)
 	fputs("usage: posthaste queue list [--json] [--spool DIR | --config FILE]\n"
 	      "       posthaste queue show ID [--spool DIR | --config FILE]\n"
 	      "       posthaste queue hold|release|delete ID...|ALL [--spool DIR | --config FILE]\n"
-	      "       posthaste queue flush ID   (not implemented yet)\n"
+	      "       posthaste queue flush [ID...|ALL] [--spool DIR | --config FILE]\n"
 	      "Reads the spool (the daemon may be running): list prints one entry per queued\n"
 	      "message, as mailq does ('!' after the id: on hold; --json: one JSON object per\n"
 	      "line, as postqueue -j); show prints a message's envelope, then its text exactly\n"
-	      "as stored. hold, release and delete change the spool of a stopped daemon only\n"
-	      "(ALL: every message they apply to).\n"
-	      "The spool is --spool DIR, else the spool_dir of --config FILE, else the default.\n",
+	      "as stored. hold, release, delete and flush ask the running daemon over its\n"
+	      "control socket (ALL: every message they apply to; flush: try deferred mail now);\n"
+	      "with the daemon stopped, hold, release and delete change the spool itself.\n"
+	      "The spool is --spool DIR, else the spool_dir of --config FILE, else the default;\n"
+	      "the socket is the file's control_socket, else SPOOL/control.sock.\n",
 	      f);
 }
 
@@ -463,14 +470,13 @@ static int ctl_lock(const char *spool, const char *verb, int *status)
 		ssize_t n = pread(fd, pid, sizeof(pid) - 1, 0);
 		pid[n > 0 ? n : 0] = '\0';
 		pid[strcspn(pid, "\n")] = '\0';
-		fprintf(
-		    stderr,
-		    "posthaste queue %s: the daemon is running (pid %s); stop it first "
-		    "\xe2\x80\x94 "
-		    "changing a live queue needs its control socket, which comes with delivery\n",
-		    verb, pid[0] ? pid : "unknown");
+		/* it holds the lock but did not answer on its socket (starting or stopping) */
+		fprintf(stderr,
+		        "posthaste queue %s: the daemon is running (pid %s) but does not answer on "
+		        "its control socket; try again\n",
+		        verb, pid[0] ? pid : "unknown");
 		close(fd);
-		*status = 2;
+		*status = 1;
 		return -1;
 	}
 	char pid[32];
@@ -579,7 +585,10 @@ static int ctl_write(const char *spool, const struct ctl_msg *recs, size_t n, ch
 
 static const char *ctl_done_word(const char *verb)
 {
-	return !strcmp(verb, "hold") ? "held" : !strcmp(verb, "release") ? "released" : "deleted";
+	return !strcmp(verb, "hold")      ? "held"
+	       : !strcmp(verb, "release") ? "released"
+	       : !strcmp(verb, "flush")   ? "flushed"
+	                                  : "deleted";
 }
 
 /* Whether verb applies to a message in state st; else why not. */
@@ -671,6 +680,172 @@ out:
 	return status;
 }
 
+/* ---- the running daemon: its control socket (mta/posthaste/control.h) ---- */
+
+enum { ASK_ANSWERED = 1, ASK_NOT_RUNNING = 0, ASK_FAILED = -1 };
+
+/*
+ * Sends one request line to the daemon and reads its answer line into ans
+ * (without the LF). ASK_ANSWERED, ASK_NOT_RUNNING (nothing listens: no socket,
+ * or a dead daemon's), or ASK_FAILED after saying why.
+ */
+static int ctl_ask(const char *path, const char *verb, const char *req, char *ans, size_t len)
+{
+	struct sockaddr_un sa = {.sun_family = AF_UNIX};
+	if (strlen(path) >= sizeof(sa.sun_path))
+		return ASK_NOT_RUNNING; /* no daemon could have bound it */
+	memcpy(sa.sun_path, path, strlen(path) + 1);
+	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0) {
+		fprintf(stderr, "posthaste queue %s: socket: %s\n", verb, strerror(errno));
+		return ASK_FAILED;
+	}
+	struct timeval tv = {.tv_sec = 5};
+	setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv)); /* a full backlog */
+	if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+		int e = errno;
+		close(fd);
+		if (e == ENOENT || e == ECONNREFUSED)
+			return ASK_NOT_RUNNING;
+		fprintf(
+		    stderr,
+		    "posthaste queue %s: cannot connect to the daemon's control socket %s: %s\n",
+		    verb, path, strerror(e));
+		return ASK_FAILED;
+	}
+	size_t rl = strlen(req), sent = 0;
+	while (sent < rl) {
+		ssize_t w = send(fd, req + sent, rl - sent, MSG_NOSIGNAL);
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w <= 0) {
+			fprintf(stderr, "posthaste queue %s: cannot write to %s: %s\n", verb, path,
+			        w < 0 ? strerror(errno) : "nothing written");
+			close(fd);
+			return ASK_FAILED;
+		}
+		sent += (size_t)w;
+	}
+	/* the daemon waits at most PH_CONTROL_WAIT_MS for its workers: a margin on top */
+	size_t got = 0;
+	struct timespec t0, t1;
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	for (;;) {
+		clock_gettime(CLOCK_MONOTONIC, &t1);
+		long spent =
+		    (long)(t1.tv_sec - t0.tv_sec) * 1000 + (t1.tv_nsec - t0.tv_nsec) / 1000000;
+		long left = PH_CONTROL_WAIT_MS + 5000 - spent;
+		struct pollfd p = {.fd = fd, .events = POLLIN};
+		int r = left > 0 ? poll(&p, 1, (int)left) : 0;
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r <= 0) {
+			fprintf(stderr, "posthaste queue %s: no answer from the daemon on %s%s%s\n",
+			        verb, path, r < 0 ? ": " : "", r < 0 ? strerror(errno) : "");
+			close(fd);
+			return ASK_FAILED;
+		}
+		ssize_t n = read(fd, ans + got, len - 1 - got);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0 || memchr(ans + got, '\n', (size_t)n) || got + (size_t)n == len - 1) {
+			got += n > 0 ? (size_t)n : 0;
+			break;
+		}
+		got += (size_t)n;
+	}
+	close(fd);
+	ans[got] = '\0';
+	char *lf = memchr(ans, '\n', got);
+	if (!lf) {
+		fprintf(stderr,
+		        "posthaste queue %s: the daemon closed the connection without an "
+		        "answer\n",
+		        verb);
+		return ASK_FAILED;
+	}
+	*lf = '\0';
+	for (char *c = ans; *c; c++) /* its words reach a terminal */
+		if ((unsigned char)*c < 0x20 || *c == 0x7f)
+			*c = '?';
+	return ASK_ANSWERED;
+}
+
+/* The daemon's reasons as the offline path words them ("%s": the id). */
+static const struct {
+	const char *reason;
+	const char *text;
+} live_reasons[] = {
+    {"no such message", "no message %s in the queue"},
+    {"already on hold", "%s is on hold already"},
+    {"not on hold", "%s is not on hold"},
+};
+
+/*
+ * hold|release|delete|flush through the running daemon: one request per
+ * operand (flush without one: every deferred message). ASK_NOT_RUNNING when no
+ * daemon listens (before anything was sent), else ASK_ANSWERED with *status set.
+ */
+static int cmd_live(const char *path, const char *verb, char **args, int nargs, int *status)
+{
+	uint64_t changed = 0;
+	*status = 0;
+	for (int a = 0; a < (nargs ? nargs : 1); a++) {
+		const char *target = nargs ? args[a] : "ALL";
+		uint64_t id;
+		if (strcmp(target, "ALL") && !parse_id(target, &id)) {
+			fprintf(stderr, "posthaste queue %s: no message %s in the queue\n", verb,
+			        target);
+			*status = 1;
+			continue;
+		}
+		char req[64], ans[PH_CONTROL_LINE_MAX + 1];
+		snprintf(req, sizeof(req), "%s %s\n", verb, target);
+		int r = ctl_ask(path, verb, req, ans, sizeof(ans));
+		if (r == ASK_NOT_RUNNING && a == 0 && *status == 0)
+			return ASK_NOT_RUNNING;
+		if (r == ASK_NOT_RUNNING) {
+			fprintf(stderr, "posthaste queue %s: %s: the daemon stopped answering\n",
+			        verb, target);
+			*status = 1;
+			continue;
+		}
+		if (r == ASK_FAILED) {
+			*status = 1;
+			continue;
+		}
+		char *end;
+		if (!strncmp(ans, "ok ", 3) && ans[3] >= '0' && ans[3] <= '9') {
+			errno = 0;
+			unsigned long long n = strtoull(ans + 3, &end, 10);
+			if (!errno && !*end) {
+				changed += n;
+				continue;
+			}
+		}
+		*status = 1;
+		if (strncmp(ans, "error ", 6)) {
+			fprintf(stderr,
+			        "posthaste queue %s: %s: unexpected answer from the daemon: %s\n",
+			        verb, target, ans);
+			continue;
+		}
+		const char *text = NULL;
+		for (size_t i = 0; i < ARRAY_SIZE(live_reasons); i++)
+			if (!strcmp(ans + 6, live_reasons[i].reason))
+				text = live_reasons[i].text;
+		fprintf(stderr, "posthaste queue %s: ", verb);
+		if (text)
+			fprintf(stderr, text, target);
+		else
+			fprintf(stderr, "%s: %s", target, ans + 6);
+		fputc('\n', stderr);
+	}
+	printf("posthaste queue %s: %s %" PRIu64 " message%s\n", verb, ctl_done_word(verb), changed,
+	       changed == 1 ? "" : "s");
+	return ASK_ANSWERED;
+}
+
 /* ---- dispatch ---- */
 
 static bool is_control_verb(const char *v)
@@ -744,8 +919,8 @@ int ph_queue_main(int argc, char **argv)
 	}
 	int nargs = argc - 1 - optind;
 	char **args = argv + 1 + optind;
-	bool multi = control && strcmp(verb, "flush") != 0; /* hold, release, delete */
-	if ((list && nargs != 0) || (!list && !multi && nargs != 1) || (multi && nargs < 1) ||
+	bool flush = !strcmp(verb, "flush"); /* no operand: ALL */
+	if ((list && nargs != 0) || (show && nargs != 1) || (control && !flush && nargs < 1) ||
 	    (json && !list)) {
 		if (json && !list)
 			fprintf(stderr, "posthaste queue %s: --json goes with list only\n", verb);
@@ -758,13 +933,6 @@ int ph_queue_main(int argc, char **argv)
 		usage(stderr);
 		return 2;
 	}
-	if (control && !multi) {
-		fprintf(stderr,
-		        "posthaste queue %s: not implemented yet (needs the running daemon's "
-		        "control socket; coming with delivery)\n",
-		        verb);
-		return 2;
-	}
 
 	struct ph_config *cfg = malloc(sizeof(*cfg)); /* large (paths): not on the stack */
 	if (!cfg) {
@@ -773,7 +941,7 @@ int ph_queue_main(int argc, char **argv)
 	}
 	ph_config_default(cfg);
 	char err[512];
-	if (!spool && config_file) {
+	if (config_file && (!spool || control)) { /* control: the file may name the socket */
 		if (ph_config_load_file(cfg, config_file, err, sizeof(err)) < 0) {
 			fprintf(stderr, "posthaste queue: %s\n", err);
 			free(cfg);
@@ -782,9 +950,23 @@ int ph_queue_main(int argc, char **argv)
 	}
 	if (!spool)
 		spool = cfg->spool_dir;
-	int status = list   ? cmd_list(spool, json)
-	             : show ? cmd_show(spool, args[0])
-	                    : cmd_control(spool, verb, args, nargs);
+	int status = 0;
+	if (control) {
+		/* the running daemon first; without one, the spool itself */
+		char path[sizeof(cfg->control_socket)];
+		if (ph_control_path(cfg, spool, path, sizeof(path)) < 0 ||
+		    cmd_live(path, verb, args, nargs, &status) == ASK_NOT_RUNNING) {
+			if (flush) {
+				fprintf(stderr, "posthaste queue flush: the daemon is not running: "
+				                "nothing to flush\n");
+				status = 1;
+			} else {
+				status = cmd_control(spool, verb, args, nargs);
+			}
+		}
+	} else {
+		status = list ? cmd_list(spool, json) : cmd_show(spool, args[0]);
+	}
 	free(cfg);
 	return finish(status);
 }

@@ -1,14 +1,19 @@
 /*
- * queue_cmd: `posthaste queue ...`, the queue tools. They read the spool
- * directly (queue/spool_scan.h), read-only and without its lock, so they work
- * with the daemon running or stopped.
+ * queue_cmd: `posthaste queue ...`, the queue tools. list and show read the
+ * spool directly (queue/spool_scan.h), read-only and without its lock, so
+ * they work with the daemon running or stopped. The verbs that change the
+ * queue ask the running daemon over its control socket (control.h); when
+ * nothing listens there, hold, release and delete change a stopped daemon's
+ * spool themselves (under the spool's lock) and flush has nothing to do.
  *
  *   posthaste queue list [--json] [--spool DIR | --config FILE]
  *   posthaste queue show ID [--spool DIR | --config FILE]
- *   posthaste queue hold|release|delete|flush ID      (not implemented yet)
+ *   posthaste queue hold|release|delete ID...|ALL [--spool DIR | --config FILE]
+ *   posthaste queue flush [ID...|ALL] [--spool DIR | --config FILE]
  *
  * The spool directory: --spool, else --config FILE's spool_dir, else the
- * built-in default (ph_config_default).
+ * built-in default (ph_config_default). The control socket: --config FILE's
+ * control_socket when set, else SPOOL/control.sock.
  */
 #ifndef POSTHASTE_MTA_POSTHASTE_QUEUE_CMD_H
 #define POSTHASTE_MTA_POSTHASTE_QUEUE_CMD_H
@@ -16,8 +21,8 @@
 /*
  * Runs the queue command; argv[0] is "queue", argv[1] the verb. Writes to
  * stdout/stderr and returns the process's exit status: 0 done, 1 failed (no
- * such message, unreadable spool or configuration), 2 bad usage or a verb not
- * implemented yet. Main thread only (uses getopt).
+ * such message, a refused change, unreadable spool or configuration, no answer
+ * from the daemon), 2 bad usage. Main thread only (uses getopt).
  */
 int ph_queue_main(int argc, char **argv);
 

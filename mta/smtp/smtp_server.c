@@ -15,6 +15,7 @@
 
 #include <errno.h>
 #include <inttypes.h>
+#include <netinet/in.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -25,16 +26,27 @@
 #include "core/arena.h"
 #include "core/compiler.h"
 #include "core/log.h"
+#include "mta/smtp/sasl.h"
 
 #define BACKLOG_MAX (1u << 20) /* input kept while a session waits: more is abuse */
+#define AUTH_FAIL_SLOTS 256    /* client addresses with failed AUTHs, per worker */
 
 /* ---- server and per-worker state ---- */
+
+/* Failed AUTHs of one client address (IPv4 as v4-mapped IPv6) in the current window. */
+struct auth_fail {
+	uint8_t addr[16];
+	uint64_t first_ms; /* start of the window */
+	unsigned count;
+	bool used;
+};
 
 struct smtp_worker {
 	struct smtp_server *srv;
 	const struct smtp_sink_ops *sink;
 	void *sink_ctx;
 	struct smtp_server_stats stats;
+	struct auth_fail *auth_fails; /* AUTH_FAIL_SLOTS, when AUTH is offered */
 } cache_aligned;
 
 struct smtp_server {
@@ -91,6 +103,17 @@ enum reply_id {
 	RP_NUL_IN_BODY,
 	RP_LONG_LINE,
 	RP_TXN_FAILED_BDAT,
+	RP_AUTH_OK,
+	RP_AUTH_FAILED,
+	RP_AUTH_TEMPFAIL,
+	RP_AUTH_RATE,
+	RP_AUTH_NEED_TLS,
+	RP_AUTH_ALREADY,
+	RP_AUTH_IN_TXN,
+	RP_AUTH_DISABLED,
+	RP_AUTH_NEED_EHLO,
+	RP_AUTH_REQUIRED,
+	RP_AUTH_LINE_TOO_LONG,
 	RP_COUNT
 };
 
@@ -142,6 +165,20 @@ static const struct reply_def replies[RP_COUNT] = {
 	[RP_NUL_IN_BODY] = REPLY("554 5.6.0 Error: NUL character in message"),
 	[RP_LONG_LINE] = REPLY("554 5.6.0 Error: message line longer than 998 octets"),
 	[RP_TXN_FAILED_BDAT] = REPLY("503 5.5.1 Error: transaction failed; send RSET"),
+	/* AUTH (RFC 4954 6, RFC 3463, RFC 5248) */
+	[RP_AUTH_OK] = REPLY("235 2.7.0 Authentication successful"),
+	[RP_AUTH_FAILED] = REPLY("535 5.7.8 Error: authentication failed"),
+	[RP_AUTH_TEMPFAIL] = REPLY("454 4.7.0 Temporary authentication failure"),
+	[RP_AUTH_RATE] = REPLY("454 4.7.0 Error: too many failed authentication attempts; try "
+			       "again later"),
+	[RP_AUTH_NEED_TLS] = REPLY("538 5.7.11 Encryption required for requested authentication "
+				   "mechanism"),
+	[RP_AUTH_ALREADY] = ERROR("503 5.5.1 Error: already authenticated"),
+	[RP_AUTH_IN_TXN] = ERROR("503 5.5.1 Error: MAIL transaction in progress"),
+	[RP_AUTH_DISABLED] = ERROR("503 5.5.1 Error: authentication not enabled"),
+	[RP_AUTH_NEED_EHLO] = ERROR("503 5.5.1 Error: send EHLO first"),
+	[RP_AUTH_REQUIRED] = REPLY("530 5.7.0 Authentication required"),
+	[RP_AUTH_LINE_TOO_LONG] = ERROR("500 5.5.6 Error: authentication exchange line is too long"),
 };
 
 /* ---- sessions ---- */
@@ -174,6 +211,14 @@ struct smtp_session {
 				are answered 503 without counting as the client's errors */
 	uint64_t last_ms;
 	char helo[256];
+
+	/* AUTH */
+	bool tls;           /* the connection is encrypted (smtp_session_set_tls) */
+	bool waiting_auth;  /* auth_check returned 0: smtp_session_auth_done owed */
+	unsigned auth_fails; /* failed AUTHs in this session */
+	struct sasl *sasl;  /* during an exchange (334 sent); wiped before release */
+	char auth_user[SASL_FIELD_MAX + 1]; /* "" until 235 */
+	char auth_cand[SASL_FIELD_MAX + 1]; /* the authcid being checked */
 
 	/* the transaction */
 	struct arena arena;
@@ -208,6 +253,30 @@ struct smtp_session {
 };
 
 static void sess_process_backlog(struct smtp_session *s);
+static bool auth_offered(const struct smtp_session *s);
+
+/* Ends an AUTH exchange: its secrets are wiped. */
+static void sasl_end(struct smtp_session *s)
+{
+	if (s->sasl) {
+		sasl_wipe(s->sasl);
+		free(s->sasl);
+		s->sasl = NULL;
+	}
+}
+
+/* Releases a session whose connection is gone and that owes no answer. */
+static void sess_free(struct smtp_session *s)
+{
+	sasl_end(s);
+	arena_deinit(&s->arena);
+	if (s->backlog) {
+		explicit_bzero(s->backlog, s->backlog_cap); /* may hold AUTH lines */
+		free(s->backlog);
+	}
+	explicit_bzero(s, sizeof(*s));
+	free(s);
+}
 
 /* ---- config ---- */
 
@@ -220,6 +289,9 @@ void smtp_server_config_default(struct smtp_server_config *cfg)
 	cfg->max_errors = 20;
 	cfg->timeout_command_ms = 300 * 1000;
 	cfg->timeout_data_ms = 180 * 1000;
+	cfg->auth_fail_limit = 3;
+	cfg->auth_fail_window_ms = 60 * 1000;
+	cfg->auth_fail_close = 5;
 }
 
 /* ---- output ---- */
@@ -337,6 +409,19 @@ static void reply_verdict(struct smtp_session *s, const struct smtp_verdict *v, 
 	reply_after(s, line, n, v->delay_ms, v->code == 421);
 }
 
+/* RFC 5322 atext octets only (the ORCPT address type, RFC 3461 4.2: an atom). */
+static bool is_atom(const char *p, size_t n)
+{
+	static const char specials[] = "!#$%&'*+-/=?^_`{|}~";
+	for (size_t i = 0; i < n; i++) {
+		unsigned char ch = (unsigned char)p[i];
+		if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+		      (ch && strchr(specials, ch))))
+			return false;
+	}
+	return n > 0;
+}
+
 /* ---- transactions ---- */
 
 static void txn_reset(struct smtp_session *s)
@@ -445,6 +530,7 @@ static void txn_end(struct smtp_session *s, unsigned body_flags)
 		.envid = s->envid,
 		.peer = net_conn_peer(s->conn),
 		.chunked = s->bdat_used,
+		.auth_user = s->auth_user[0] ? s->auth_user : NULL,
 	};
 	struct smtp_txn_result res = {.code = 0};
 	void *txn = s->txn;
@@ -464,9 +550,7 @@ void smtp_session_txn_done(struct smtp_session *s, const struct smtp_txn_result 
 {
 	s->waiting_txn = false;
 	if (s->conn_gone) {
-		arena_deinit(&s->arena);
-		free(s->backlog);
-		free(s);
+		sess_free(s);
 		return;
 	}
 	s->suspended = false;
@@ -557,6 +641,11 @@ static void do_helo(struct smtp_session *s, struct smtp_command *cmd)
 	}
 	char line[1024];
 	int k = snprintf(line, sizeof(line), "250-%s\r\n", s->srv->hostname);
+	if (auth_offered(s)) {
+		static const char auth_line[] = "250-AUTH PLAIN LOGIN\r\n";
+		memcpy(line + k, auth_line, sizeof(auth_line) - 1);
+		k += (int)sizeof(auth_line) - 1;
+	}
 	memcpy(line + k, s->srv->ehlo_tail, s->srv->ehlo_tail_len);
 	reply_after(s, line, (size_t)k + s->srv->ehlo_tail_len, v.delay_ms, false);
 }
@@ -615,6 +704,10 @@ static void do_mail(struct smtp_session *s, struct smtp_command *cmd)
 	}
 	if (cmd->addr_utf8 && !utf8) {
 		reply(s, RP_UTF8_NEEDED);
+		return;
+	}
+	if (cfg->auth_required && !s->auth_user[0]) {
+		reply(s, RP_AUTH_REQUIRED);
 		return;
 	}
 	struct smtp_verdict v;
@@ -692,6 +785,7 @@ static void do_rcpt(struct smtp_session *s, struct smtp_command *cmd)
 		} else if (key_is(p, "ORCPT")) {
 			const char *semi = p->value ? memchr(p->value, ';', p->value_len) : NULL;
 			if (!semi || semi == p->value || p->value_len > 500 ||
+			    !is_atom(p->value, (size_t)(semi - p->value)) ||
 			    !is_xtext(semi + 1, p->value_len - (size_t)(semi + 1 - p->value))) {
 				reply(s, RP_BAD_PARAM_VALUE);
 				return;
@@ -714,8 +808,8 @@ static void do_rcpt(struct smtp_session *s, struct smtp_command *cmd)
 	if (s->sw->sink->rcpt_check) {
 		char text[300];
 		text[0] = '\0';
-		unsigned code = s->sw->sink->rcpt_check(s->sw->sink_ctx, cmd->addr, cmd->addr_len,
-							text, sizeof(text));
+		unsigned code = s->sw->sink->rcpt_check(s->sw->sink_ctx, s, cmd->addr,
+							cmd->addr_len, text, sizeof(text));
 		if (code) {
 			char line[400];
 			int n = snprintf(line, sizeof(line), "%u %s\r\n", code, text);
@@ -891,6 +985,223 @@ static void do_not_impl(struct smtp_session *s, struct smtp_command *cmd)
 	reply(s, RP_NOT_IMPL);
 }
 
+/* ---- AUTH (RFC 4954) ---- */
+
+static bool auth_offered(const struct smtp_session *s)
+{
+	return s->srv->cfg.auth && (s->tls || s->srv->cfg.auth_without_tls);
+}
+
+/*
+ * Clears a command line that carried AUTH data, in the buffer it sits in (a
+ * receive buffer, the backlog or the parser's line buffer: all writable).
+ */
+static void wipe_line(const struct smtp_event *ev)
+{
+	if (ev->len)
+		explicit_bzero((char *)(uintptr_t)ev->data, ev->len);
+}
+
+/* The failure table's key for the client's address: 16 octets, IPv4 v4-mapped. */
+static bool peer_key(const struct smtp_session *s, uint8_t key[16])
+{
+	const struct sockaddr_storage *ss = net_conn_peer(s->conn);
+	memset(key, 0, 16);
+	if (ss && ss->ss_family == AF_INET) {
+		key[10] = key[11] = 0xff;
+		memcpy(key + 12, &((const struct sockaddr_in *)ss)->sin_addr, 4);
+		return true;
+	}
+	if (ss && ss->ss_family == AF_INET6) {
+		memcpy(key, &((const struct sockaddr_in6 *)ss)->sin6_addr, 16);
+		return true;
+	}
+	return false;
+}
+
+/* The client's entry, or (when make) a new one in a free, expired or the oldest slot. */
+static struct auth_fail *auth_fail_entry(struct smtp_session *s, bool make)
+{
+	struct auth_fail *t = s->sw->auth_fails;
+	uint8_t key[16];
+	if (!t || !peer_key(s, key))
+		return NULL;
+	uint64_t now = net_worker_now_ms(net_conn_worker(s->conn));
+	uint64_t window = s->srv->cfg.auth_fail_window_ms;
+	struct auth_fail *victim = NULL;
+	for (unsigned i = 0; i < AUTH_FAIL_SLOTS; i++) {
+		struct auth_fail *e = &t[i];
+		if (e->used && !memcmp(e->addr, key, 16)) {
+			if (now - e->first_ms >= window) {
+				e->first_ms = now; /* a new window */
+				e->count = 0;
+			}
+			return e;
+		}
+		if (!victim || !e->used || (victim->used && e->first_ms < victim->first_ms))
+			victim = e;
+	}
+	if (!make)
+		return NULL;
+	memcpy(victim->addr, key, 16);
+	victim->used = true;
+	victim->first_ms = now;
+	victim->count = 0;
+	return victim;
+}
+
+static bool auth_blocked(struct smtp_session *s)
+{
+	const struct auth_fail *e = auth_fail_entry(s, false);
+	return e && e->count >= s->srv->cfg.auth_fail_limit;
+}
+
+/* A failed attempt: counted for the address and the session; replies 535 or the given reply. */
+static void auth_failed(struct smtp_session *s, const char *line)
+{
+	struct auth_fail *e = auth_fail_entry(s, true);
+	if (e)
+		e->count++;
+	s->auth_fails++;
+	send_raw(s, line, strlen(line));
+	log_info("smtp: AUTH failed for %s (%u in this session)",
+		 s->auth_cand[0] ? s->auth_cand : "(no user)", s->auth_fails);
+	explicit_bzero(s->auth_cand, sizeof(s->auth_cand));
+	if (s->auth_fails >= s->srv->cfg.auth_fail_close)
+		close_421(s, "4.7.0", "Error: too many failed authentication attempts");
+}
+
+/* The answer of auth_check (235, 535 or 454). */
+static void auth_finish(struct smtp_session *s, unsigned code)
+{
+	if (code == 235) {
+		memcpy(s->auth_user, s->auth_cand, sizeof(s->auth_user));
+		explicit_bzero(s->auth_cand, sizeof(s->auth_cand));
+		reply(s, RP_AUTH_OK);
+	} else if (code == 454) {
+		explicit_bzero(s->auth_cand, sizeof(s->auth_cand));
+		reply(s, RP_AUTH_TEMPFAIL);
+	} else {
+		auth_failed(s, replies[RP_AUTH_FAILED].line);
+	}
+}
+
+/* The exchange gave credentials: the sink checks them, now or later. */
+static void auth_verify(struct smtp_session *s)
+{
+	struct sasl *x = s->sasl;
+	memcpy(s->auth_cand, x->authcid, x->authcid_len + 1);
+	unsigned code = s->sw->sink->auth_check(s->sw->sink_ctx, s, x->authcid, x->authcid_len,
+						x->passwd, x->passwd_len);
+	sasl_end(s);
+	if (code == 0) {
+		s->waiting_auth = true;
+		s->suspended = true;
+		net_conn_pause_reading(s->conn);
+		return;
+	}
+	auth_finish(s, code);
+}
+
+/* sasl_start/sasl_step said r: go on, verify, or fail. */
+static void auth_progress(struct smtp_session *s, int r)
+{
+	if (r == 1) {
+		auth_verify(s);
+		return;
+	}
+	if (r == 0) {
+		char line[64];
+		int n = snprintf(line, sizeof(line), "334 %s\r\n", s->sasl->challenge);
+		send_raw(s, line, (size_t)n);
+		return;
+	}
+	enum sasl_error e = s->sasl->error;
+	sasl_end(s);
+	if (e == SASL_E_SYNTAX || e == SASL_E_AUTHZID)
+		auth_failed(s, sasl_error_reply(e));
+	else
+		send_raw(s, sasl_error_reply(e), strlen(sasl_error_reply(e)));
+}
+
+static void do_auth(struct smtp_session *s, struct smtp_command *cmd)
+{
+	const struct smtp_server_config *cfg = &s->srv->cfg;
+	if (!cfg->auth) {
+		reply(s, RP_AUTH_DISABLED);
+		return;
+	}
+	if (!s->esmtp) {
+		reply(s, RP_AUTH_NEED_EHLO);
+		return;
+	}
+	if (s->auth_user[0]) {
+		reply(s, RP_AUTH_ALREADY);
+		return;
+	}
+	if (!auth_offered(s)) {
+		reply(s, RP_AUTH_NEED_TLS);
+		return;
+	}
+	if (auth_blocked(s)) {
+		s->auth_fails++;
+		reply(s, RP_AUTH_RATE);
+		if (s->auth_fails >= cfg->auth_fail_close)
+			close_421(s, "4.7.0", "Error: too many failed authentication attempts");
+		return;
+	}
+	if (!s->sw->sink->auth_check) {
+		reply(s, RP_AUTH_TEMPFAIL);
+		return;
+	}
+	/* "MECH [initial-response]" */
+	const char *sp = memchr(cmd->arg, ' ', cmd->arg_len);
+	size_t mlen = sp ? (size_t)(sp - cmd->arg) : cmd->arg_len;
+	const char *ir = sp ? sp + 1 : NULL;
+	size_t irlen = sp ? cmd->arg_len - mlen - 1 : 0;
+	s->sasl = malloc(sizeof(*s->sasl));
+	if (!s->sasl) {
+		reply(s, RP_AUTH_TEMPFAIL);
+		return;
+	}
+	auth_progress(s, sasl_start(s->sasl, cmd->arg, mlen, sp != NULL, ir, irlen));
+}
+
+/* A line the client sent after a 334. */
+static void auth_continue(struct smtp_session *s, const char *line, size_t len)
+{
+	auth_progress(s, sasl_step(s->sasl, line, len));
+}
+
+void smtp_session_auth_done(struct smtp_session *s, unsigned code)
+{
+	s->waiting_auth = false;
+	if (s->conn_gone) {
+		if (!s->waiting_txn)
+			sess_free(s);
+		return;
+	}
+	s->suspended = false;
+	auth_finish(s, code);
+	if (s->shutdown_asked) {
+		close_421(s, "4.3.2", "Service shutting down");
+		return;
+	}
+	sess_process_backlog(s);
+}
+
+void smtp_session_set_tls(struct smtp_session *s, bool on)
+{
+	s->tls = on;
+	if (on)
+		explicit_bzero(s->auth_user, sizeof(s->auth_user));
+}
+
+const char *smtp_session_auth_user(const struct smtp_session *s)
+{
+	return s->auth_user[0] ? s->auth_user : NULL;
+}
+
 /* The command table: which states allow a verb, and what refuses it otherwise. */
 static const struct command_def {
 	unsigned states;
@@ -911,7 +1222,7 @@ static const struct command_def {
 	[SMTP_VERB_EXPN] = {S_ANY, 0, 0, 0, do_not_impl, RP_SYNTAX},
 	[SMTP_VERB_HELP] = {S_ANY, 0, 0, 0, do_help, RP_SYNTAX},
 	[SMTP_VERB_STARTTLS] = {S_ANY, 0, 0, 0, do_not_impl, RP_SYNTAX},
-	[SMTP_VERB_AUTH] = {S_ANY, 0, 0, 0, do_not_impl, RP_SYNTAX},
+	[SMTP_VERB_AUTH] = {S_READY, RP_NEED_HELO, 0, RP_AUTH_IN_TXN, do_auth, RP_SYNTAX},
 };
 
 static void handle_command(struct smtp_session *s, const char *line, size_t len, unsigned flags)
@@ -968,9 +1279,21 @@ static void handle_event(struct smtp_session *s, const struct smtp_event *ev)
 {
 	switch (ev->type) {
 	case SMTP_EV_COMMAND:
+		if (s->sasl) {
+			auth_continue(s, ev->data, ev->len);
+			wipe_line(ev);
+			break;
+		}
 		handle_command(s, ev->data, ev->len, ev->flags);
+		if (ev->len >= 4 && !strncasecmp(ev->data, "AUTH", 4))
+			wipe_line(ev); /* an initial response holds the password */
 		break;
 	case SMTP_EV_COMMAND_TOO_LONG:
+		if (s->sasl) {
+			sasl_end(s);
+			reply(s, RP_AUTH_LINE_TOO_LONG);
+			break;
+		}
 		reply(s, RP_LINE_TOO_LONG);
 		break;
 	case SMTP_EV_BODY:
@@ -1154,11 +1477,9 @@ static void on_close(struct net_conn *c, int err)
 	if (s->sw->sink->session_close)
 		s->sw->sink->session_close(s->sw->sink_ctx);
 	s->conn_gone = true;
-	if (s->waiting_txn)
-		return; /* freed by smtp_session_txn_done */
-	arena_deinit(&s->arena);
-	free(s->backlog);
-	free(s);
+	if (s->waiting_txn || s->waiting_auth)
+		return; /* freed by smtp_session_txn_done / smtp_session_auth_done */
+	sess_free(s);
 }
 
 static const struct net_proto smtp_proto = {
@@ -1187,6 +1508,12 @@ struct smtp_server *smtp_server_new(const struct smtp_server_config *cfg, struct
 		srv->cfg.max_errors = 20;
 	if (!srv->cfg.max_recipients)
 		srv->cfg.max_recipients = 1000;
+	if (!srv->cfg.auth_fail_limit)
+		srv->cfg.auth_fail_limit = 3;
+	if (!srv->cfg.auth_fail_window_ms)
+		srv->cfg.auth_fail_window_ms = 60 * 1000;
+	if (!srv->cfg.auth_fail_close)
+		srv->cfg.auth_fail_close = 5;
 	srv->engine = e;
 	srv->nworkers = net_engine_workers(e);
 	srv->workers = aligned_alloc(CACHELINE, sizeof(*srv->workers) * srv->nworkers);
@@ -1219,6 +1546,8 @@ void smtp_server_free(struct smtp_server **srvp)
 	struct smtp_server *srv = *srvp;
 	if (!srv)
 		return;
+	for (unsigned i = 0; i < srv->nworkers; i++)
+		free(srv->workers[i].auth_fails);
 	free(srv->workers);
 	free(srv);
 	*srvp = NULL;
@@ -1238,6 +1567,11 @@ int smtp_server_worker_init(struct smtp_server *srv, struct net_worker *w,
 	srv->workers[i].srv = srv;
 	srv->workers[i].sink = sink;
 	srv->workers[i].sink_ctx = sink_ctx;
+	if (srv->cfg.auth && !srv->workers[i].auth_fails) {
+		srv->workers[i].auth_fails = calloc(AUTH_FAIL_SLOTS, sizeof(struct auth_fail));
+		if (!srv->workers[i].auth_fails)
+			return -ENOMEM;
+	}
 	return 0;
 }
 

@@ -1,7 +1,7 @@
 /*
  * smtp_server: the SMTP server protocol (RFC 5321 + ESMTP PIPELINING, SIZE,
- * 8BITMIME, ENHANCEDSTATUSCODES, CHUNKING, SMTPUTF8, DSN) on a net/
- * connection. Each finished message goes to a message sink (the spool, or a
+ * 8BITMIME, ENHANCEDSTATUSCODES, CHUNKING, SMTPUTF8, DSN, AUTH PLAIN/LOGIN
+ * per RFC 4954 through mta/smtp/sasl, docs/auth.md) on a net/ connection. Each finished message goes to a message sink (the spool, or a
  * discard/count sink for benchmarks) through struct smtp_sink_ops.
  *
  * One struct smtp_server per listener configuration, shared by all workers
@@ -51,6 +51,7 @@ struct smtp_envelope {
 	const char *envid; /* or NULL */
 	const struct sockaddr_storage *peer;
 	bool chunked; /* arrived with BDAT */
+	const char *auth_user; /* the AUTH identity (authcid) of the session, or NULL */
 };
 
 /* A final reply for a transaction, e.g. {250, "2.0.0", "Ok: queued as 8F2A..."}. */
@@ -105,7 +106,19 @@ struct smtp_sink_ops {
 	 * text (cap octets, NUL-terminated), e.g. "5.1.1 <bob@example.com>:
 	 * Recipient address rejected: User unknown".
 	 */
-	unsigned (*rcpt_check)(void *ctx, const char *addr, size_t len, char *text, size_t cap);
+	unsigned (*rcpt_check)(void *ctx, struct smtp_session *s, const char *addr, size_t len,
+			       char *text, size_t cap);
+	/*
+	 * Optional, needed for AUTH (without it AUTH gets 454 4.7.0): checks a
+	 * login. authcid and passwd are NUL-terminated, valid only during the
+	 * call, and secret: an implementation that keeps them (to answer later)
+	 * wipes its copy. Returns 235 (accepted), 535 (refused), 454 (temporary
+	 * failure), or 0 when the answer comes later through
+	 * smtp_session_auth_done (e.g. from a thread running the slow hash);
+	 * the session waits for it, in order, reading nothing meanwhile.
+	 */
+	unsigned (*auth_check)(void *ctx, struct smtp_session *s, const char *authcid,
+			       size_t authcid_len, const char *passwd, size_t passwd_len);
 	/*
 	 * Optional: a session's connection closed (once per session that got its
 	 * SMTP_STAGE_CONNECT verdict; the bench sink counts open connections).
@@ -123,6 +136,15 @@ struct smtp_server_config {
 	unsigned timeout_data_ms;    /* waiting for a data block; default 180 s (4.5.3.2.6) */
 	bool allow_bare_lf;          /* accept messages with bare LF (default false: 554 5.6.0) */
 	bool allow_nul;              /* accept messages with NUL octets (default false) */
+
+	/* AUTH (RFC 4954, docs/auth.md): PLAIN and LOGIN through the sink's auth_check */
+	bool auth;             /* offer AUTH on this server's listeners (default false) */
+	bool auth_without_tls; /* offer it without TLS too: passwords in clear (tests only) */
+	bool auth_required;    /* submission: MAIL before AUTH gets 530 5.7.0 */
+	unsigned auth_fail_limit;     /* failed AUTHs per client address within the window,
+					 then 454 4.7.0 until it ends; default 3 (per worker) */
+	unsigned auth_fail_window_ms; /* default 60 s */
+	unsigned auth_fail_close;     /* failed AUTHs in one session, then 421 and close; default 5 */
 };
 
 /* Fills *cfg with the defaults above. */
@@ -169,5 +191,28 @@ void smtp_session_txn_done(struct smtp_session *s, const struct smtp_txn_result 
 
 /* The connection under a session (for the peer address). */
 struct net_conn *smtp_session_conn(const struct smtp_session *s);
+
+/*
+ * The answer to an auth_check that returned 0: 235, 535 or 454. Same rules
+ * as smtp_session_txn_done: on the session's worker thread, exactly once per
+ * such auth_check, even if the connection is gone.
+ */
+void smtp_session_auth_done(struct smtp_session *s, unsigned code);
+
+/*
+ * Marks the session's connection as encrypted (on) or not: the TLS code
+ * calls it after its handshake (STARTTLS or implicit TLS). With on, AUTH is
+ * offered when the server offers it, and any identity from an AUTH before
+ * it is forgotten (RFC 3207 4.2). The TLS code resets the rest of the
+ * session (EHLO again).
+ */
+void smtp_session_set_tls(struct smtp_session *s, bool on);
+
+/*
+ * The identity the client authenticated as (its authcid, as the users file
+ * knows it after auth_check accepted it), or NULL before a successful AUTH.
+ * Valid as long as the session; for relay policy in rcpt_check.
+ */
+const char *smtp_session_auth_user(const struct smtp_session *s);
 
 #endif

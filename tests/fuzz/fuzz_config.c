@@ -7,9 +7,13 @@
  * ph_config_load_buffer over the defaults. Both must agree on success, every
  * error must name the file, and a configuration that loaded must print as a
  * file that loads back to an equal configuration (the same listeners, and
- * every octet after them equal). Every value also goes to ph_hosts_parse, and
- * the delivery helpers must find each route, destination and local domain.
+ * every octet after them equal). Every value also goes to ph_hosts_parse and
+ * ph_networks_parse (each network parsed must hold its own address, also as
+ * a socket reports it), and the delivery helpers must find each route,
+ * destination, local and relay domain.
  */
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -44,6 +48,76 @@ static void fuzz_hosts(const char *v)
 			abort();
 }
 
+/* Whether nets[0..n) hold addr (of family) as an AF_INET/AF_INET6 socket reports it. */
+static bool fuzz_match(const struct ph_net *nets, unsigned n, int family, const uint8_t *addr)
+{
+	struct sockaddr_storage ss;
+
+	memset(&ss, 0, sizeof(ss));
+	if (family == AF_INET) {
+		struct sockaddr_in *sin = (struct sockaddr_in *)&ss;
+
+		sin->sin_family = AF_INET;
+		memcpy(&sin->sin_addr, addr, 4);
+	} else {
+		struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)&ss;
+
+		sin6->sin6_family = AF_INET6;
+		memcpy(&sin6->sin6_addr, addr, 16);
+	}
+	return ph_networks_match(nets, n, &ss);
+}
+
+static void fuzz_networks(const char *v)
+{
+	static const uint8_t zero[16];
+	struct ph_net nets[PH_NETWORKS_MAX];
+	char err[256];
+	int n;
+
+	err[0] = '\0';
+	n = ph_networks_parse(v, nets, PH_NETWORKS_MAX, err, sizeof(err));
+	if (n < 0) {
+		if (n != -1 || !err[0] ||
+		    ph_networks_parse(v, NULL, PH_NETWORKS_MAX, err, sizeof(err)) != -1)
+			abort();
+		return;
+	}
+	if (n > PH_NETWORKS_MAX || ph_networks_parse(v, NULL, PH_NETWORKS_MAX, err, sizeof(err)) != n)
+		abort();
+	for (int i = 0; i < n; i++) {
+		const struct ph_net *net = &nets[i];
+		unsigned bits = net->family == AF_INET ? 32 : 128;
+		uint8_t mapped[16] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+
+		if ((net->family != AF_INET && net->family != AF_INET6) || net->prefix > bits ||
+		    (net->family == AF_INET && memcmp(net->addr + 4, zero, 12) != 0))
+			abort();
+		for (unsigned b = net->prefix; b < bits; b++)
+			if (net->addr[b / 8] & (0x80u >> (b % 8)))
+				abort();
+		/* a network holds its own address; an IPv4 one also in its mapped form */
+		if (!fuzz_match(net, 1, net->family, net->addr) ||
+		    !fuzz_match(nets, (unsigned)n, net->family, net->addr))
+			abort();
+		if (net->family == AF_INET) {
+			memcpy(mapped + 12, net->addr, 4);
+			if (!fuzz_match(net, 1, AF_INET6, mapped))
+				abort();
+		}
+		/* and not the address that differs in the last bit of the prefix */
+		if (net->prefix > 0) {
+			uint8_t next[16];
+			unsigned k = net->prefix - 1;
+
+			memcpy(next, net->addr, 16);
+			next[k / 8] ^= (uint8_t)(0x80u >> (k % 8)); /* flip the last prefix bit */
+			if (fuzz_match(net, 1, net->family, next))
+				abort();
+		}
+	}
+}
+
 static void fuzz_helpers(const char *v)
 {
 	char err[256], buf[32], host[64];
@@ -69,6 +143,7 @@ static void fuzz_helpers(const char *v)
 	if (config_bool(v, &b, err, sizeof(err)) != 0 && !err[0])
 		abort();
 	fuzz_hosts(v);
+	fuzz_networks(v);
 	if (config_uint(v, 3, 1000, &u, err, sizeof(err)) == 0 && (u < 3 || u > 1000))
 		abort();
 	if (config_hostport(v, host, sizeof(host), &port, err, sizeof(err)) == 0) {
@@ -122,6 +197,7 @@ static bool fuzz_equal(const struct ph_config *a, const struct ph_config *b)
 static void fuzz_lookups(const struct ph_config *c)
 {
 	const char *p = c->local_domains;
+	char err[256];
 
 	for (unsigned i = 0; i < c->nroutes; i++)
 		if (ph_config_route_for(c, c->routes[i].domain) != c->routes[i].hosts)
@@ -136,6 +212,17 @@ static void fuzz_lookups(const struct ph_config *c)
 			abort();
 		p += n + (p[n] == ',');
 	}
+	for (p = c->relay_domains; *p;) {
+		size_t n = strcspn(p, ",");
+
+		if (n == 0 || !ph_config_is_relay_domain(c, p, n))
+			abort();
+		p += n + (p[n] == ',');
+	}
+	/* mynetworks is stored in a form its parser reads */
+	if (ph_networks_parse(c->mynetworks, NULL, PH_NETWORKS_MAX, err, sizeof(err)) < 0 ||
+	    (c->mynetworks[0] && strpbrk(c->mynetworks, " \t[]")))
+		abort();
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)

@@ -1,4 +1,5 @@
-"""Black-box tests of `posthaste queue` (list, list --json, show; the control verbs' refusal).
+"""Black-box tests of `posthaste queue` (list, list --json, show; the control verbs offline,
+and their way to a running daemon; test_queue_live.py tests live control in depth).
 
 A daemon is started on 127.0.0.1:<free port> with a temporary spool; messages are sent
 with smtplib (a null sender, three recipients, an SMTPUTF8 message with UTF-8
@@ -27,10 +28,7 @@ import phtest
 
 POSTHASTE = os.path.join(phtest.BUILD_DIR, "mta", "posthaste", "posthaste")
 QUEUED_RE = re.compile(r"queued as ([0-9A-F]{16})\b")
-NOT_IMPLEMENTED = ("not implemented yet (needs the running daemon's control socket; "
-                   "coming with delivery)")
-DAEMON_RUNNING = ("posthaste queue %s: the daemon is running (pid %d); stop it first \u2014 "
-                  "changing a live queue needs its control socket, which comes with delivery")
+NOT_RUNNING = "the daemon is not running: nothing to flush"
 RECOVERED_RE = re.compile(r"recovered (\d+) queued messages from (\d+) segments in (\d+) ms"
                           r"(?:, (\d+) held)?")
 RUN_TIMEOUT = 60.0
@@ -334,14 +332,19 @@ def test_unknown_id_and_control_verbs(daemon, tmp_path):
         _, out, err = queue("show", bad, "--spool", spool, check=1)
         assert out == b""
         assert "no message %s in the queue" % bad in err
-    _, out, err = queue("flush", qid, "--spool", spool, check=2)
-    assert err.strip() == "posthaste queue flush: %s" % NOT_IMPLEMENTED
-    for verb in ("hold", "release", "delete"):  # offline only: the daemon runs
-        _, out, err = queue(verb, qid, "--spool", spool, check=2)
-        assert err.strip() == DAEMON_RUNNING % (verb, d.proc.pid)
+    # the daemon runs (without delivery): the control verbs go to it over its socket
+    _, out, err = queue("flush", qid, "--spool", spool, check=0)
+    assert err == "" and out == b"posthaste queue flush: flushed 0 messages\n"
+    for verb in ("hold", "release", "delete"):
+        _, out, err = queue(verb, missing, "--spool", spool, check=1)
+        assert err.strip() == "posthaste queue %s: no message %s in the queue" % (verb, missing)
     # the message is still there, untouched
     check_stored(b"Subject: one\r\n\r\nx\r\n", show_body(spool, qid)[1])
     d.stop()
+    # stopped: flush has nothing to do, and says so
+    _, out, err = queue("flush", "--spool", spool, check=1)
+    assert out == b""
+    assert err.strip() == "posthaste queue flush: %s" % NOT_RUNNING
 
 
 def recovered(d):
@@ -427,14 +430,17 @@ def test_hold_release_delete_offline(daemon, tmp_path):
     assert segment_files(spool) == []  # the state segments went with their messages
 
 
-def test_control_refused_while_running_and_unknown_ids(daemon, tmp_path):
+def test_control_while_running_then_offline_and_unknown_ids(daemon, tmp_path):
     spool = tmp_path / "spool"
     d = daemon(spool)
     qid = send(d.port, "a@example.org", ["b@example.com"], b"Subject: x\r\n\r\nx\r\n")
-    _, out, err = queue("hold", qid, "--spool", spool, check=2)
-    assert out == b""
-    assert err.strip() == DAEMON_RUNNING % ("hold", d.proc.pid)
+    # running: the daemon does it (tests/integration/test_queue_live.py has the rest)
+    _, out, err = queue("hold", qid, "--spool", spool, check=0)
+    assert err == "" and out == b"posthaste queue hold: held 1 message\n"
+    _, out, err = queue("release", qid, "--spool", spool, check=0)
+    assert err == "" and out == b"posthaste queue release: released 1 message\n"
     d.stop()
+    assert not (spool / "control.sock").exists()  # removed at exit
     before = segment_files(spool)
     missing = "%016X" % (int(qid, 16) ^ 1)
     for bad in (missing, "nothex"):
@@ -445,6 +451,25 @@ def test_control_refused_while_running_and_unknown_ids(daemon, tmp_path):
     _, out, err = queue("hold", missing, qid, "--spool", spool, check=1)
     assert b"held 1 message" in out
     assert listed(spool) == {qid: True}
+
+
+def test_control_stale_socket_falls_back_offline(daemon, tmp_path):
+    """A socket file nobody listens on (a killed daemon's) means: not running."""
+    spool = tmp_path / "spool"
+    d = daemon(spool)
+    qid = send(d.port, "a@example.org", ["b@example.com"], b"Subject: x\r\n\r\nx\r\n")
+    d.kill()  # SIGKILL: the socket file stays behind
+    assert (spool / "control.sock").exists()
+    _, out, err = queue("hold", qid, "--spool", spool, check=0)
+    assert err == "" and b"held 1 message" in out
+    assert listed(spool) == {qid: True}
+    _, _, err = queue("flush", qid, "--spool", spool, check=1)
+    assert NOT_RUNNING in err
+    # the next daemon replaces the stale socket and answers on it
+    d = daemon(spool)
+    _, out, err = queue("release", qid, "--spool", spool, check=0)
+    assert err == "" and b"released 1 message" in out
+    d.stop()
 
 
 @pytest.mark.parametrize("args", [

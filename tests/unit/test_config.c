@@ -15,6 +15,10 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+
 #include <cmocka.h>
 
 #include "core/compiler.h"
@@ -547,6 +551,8 @@ __attribute__((noinline)) static char *ph_printed(const struct ph_config *c)
 	"smarthost = \"\" # none: deliver by MX\n"                                                 \
 	"# route.DOMAIN = HOSTS: none\n"                                                           \
 	"local_domains = \"\" # none\n"                                                            \
+	"mynetworks = 127.0.0.0/8,::1/128\n"                                                       \
+	"relay_domains = \"\" # none\n"                                                            \
 	"users_file = \"\" # none\n"                                                               \
 	"mailbox_root = ./var/mail\n"                                                              \
 	"accounting_log = ./var/log/accounting.jsonl\n"                                            \
@@ -577,7 +583,10 @@ static const char default_printed[] = "# posthaste: the effective configuration\
                                       "discard = no\n"
                                       "delivery = yes\n"
                                       "log_level = info\n"
-                                      "max_queue_age = 5d\n" DELIVERY_DEFAULTS_PRINTED;
+                                      "max_queue_age = 5d\n"
+                                      "smtp_auth = no\n"
+                                      "smtp_auth_required = no\n"
+                                      "smtp_auth_without_tls = no\n" DELIVERY_DEFAULTS_PRINTED;
 
 static void test_ph_defaults(void **state)
 {
@@ -608,6 +617,8 @@ static void test_ph_defaults(void **state)
 	assert_string_equal(c.smarthost, "");
 	assert_int_equal(c.nroutes, 0);
 	assert_string_equal(c.local_domains, "");
+	assert_string_equal(c.mynetworks, "127.0.0.0/8,::1/128");
+	assert_string_equal(c.relay_domains, "");
 	assert_string_equal(c.users_file, "");
 	assert_string_equal(c.mailbox_root, "./var/mail");
 	assert_int_equal(c.limits.concurrency, 20);
@@ -785,6 +796,56 @@ static const struct set_case set_cases[] = {
      "local_domains: 'b_c.test' is not a domain name " DOMAIN_HINT},
     {"local_domains", "a.test;b.test", NULL,
      "local_domains: 'a.test;b.test' is not a domain name " DOMAIN_HINT},
+    /* relay access */
+    {"mynetworks", "10.0.0.0/8", "mynetworks = 10.0.0.0/8\n", NULL},
+    {"MyNetworks", " 10.0.0.0/8 , 192.168.1.0/24\t[2001:DB8::]/32,,::1 ",
+     "mynetworks = 10.0.0.0/8,192.168.1.0/24,2001:db8::/32,::1/128\n", NULL},
+    {"mynetworks", "192.0.2.1", "mynetworks = 192.0.2.1/32\n", NULL},
+    {"mynetworks", "[::1]/128", "mynetworks = ::1/128\n", NULL},
+    {"mynetworks", "[::1]", "mynetworks = ::1/128\n", NULL},
+    {"mynetworks", "[192.0.2.0]/24", "mynetworks = 192.0.2.0/24\n", NULL},
+    {"mynetworks", "2001:0db8:0:0:0:0:0:1", "mynetworks = 2001:db8::1/128\n", NULL},
+    {"mynetworks", "0.0.0.0/0,::/0", "mynetworks = 0.0.0.0/0,::/0\n", NULL},
+    {"mynetworks", "::ffff:10.0.0.0/104", "mynetworks = ::ffff:10.0.0.0/104\n", NULL},
+    {"mynetworks", "10.1.2.3/32 10.1.2.3/32", "mynetworks = 10.1.2.3/32,10.1.2.3/32\n", NULL},
+    {"mynetworks", "10.0.0.0/008", "mynetworks = 10.0.0.0/8\n", NULL},
+    {"mynetworks", "", "mynetworks = \"\" # none: no client may relay\n", NULL},
+    {"mynetworks", " , ", "mynetworks = \"\" # none: no client may relay\n", NULL},
+    {"mynetworks", "10.0.0.1/8", NULL, "mynetworks: 10.0.0.1/8 has host bits set"},
+    {"mynetworks", "127.0.0.1/8", NULL, "mynetworks: 127.0.0.1/8 has host bits set"},
+    {"mynetworks", "10.0.0.0/8,2001:db8::1/32", NULL,
+     "mynetworks: 2001:db8::1/32 has host bits set"},
+    {"mynetworks", "[::1]/64", NULL, "mynetworks: [::1]/64 has host bits set"},
+    {"mynetworks", "0.0.0.1/0", NULL, "mynetworks: 0.0.0.1/0 has host bits set"},
+    {"mynetworks", "10.0.0.0/33", NULL,
+     "mynetworks: '10.0.0.0/33': invalid prefix length (0 to 32)"},
+    {"mynetworks", "::/129", NULL, "mynetworks: '::/129': invalid prefix length (0 to 128)"},
+    {"mynetworks", "10.0.0.0/", NULL, "mynetworks: '10.0.0.0/': invalid prefix length (0 to 32)"},
+    {"mynetworks", "10.0.0.0/-8", NULL,
+     "mynetworks: '10.0.0.0/-8': invalid prefix length (0 to 32)"},
+    {"mynetworks", "10.0.0.0/8x", NULL,
+     "mynetworks: '10.0.0.0/8x': invalid prefix length (0 to 32)"},
+    {"mynetworks", "10.0.0.0/0008", NULL,
+     "mynetworks: '10.0.0.0/0008': invalid prefix length (0 to 32)"},
+    {"mynetworks", "10.0.0.0/8/8", NULL,
+     "mynetworks: '10.0.0.0/8/8': invalid prefix length (0 to 32)"},
+    {"mynetworks", "10.0.0.0/8;10.1.0.0/16", NULL,
+     "mynetworks: '10.0.0.0/8;10.1.0.0/16': invalid prefix length (0 to 32)"},
+    {"mynetworks", "localhost", NULL,
+     "mynetworks: 'localhost': 'localhost' is not an IPv4 or IPv6 address"},
+    {"mynetworks", "10.0.0/8", NULL,
+     "mynetworks: '10.0.0/8': '10.0.0' is not an IPv4 or IPv6 address"},
+    {"mynetworks", "/8", NULL, "mynetworks: '/8': '' is not an IPv4 or IPv6 address"},
+    {"mynetworks", "fe80::1%eth0", NULL,
+     "mynetworks: 'fe80::1%eth0': 'fe80::1%eth0' is not an IPv4 or IPv6 address"},
+    {"mynetworks", "[::1", NULL, "mynetworks: '[::1': no closing ']'"},
+    {"mynetworks", "[::1]128", NULL, "mynetworks: '[::1]128': expected '/PREFIX' after ']'"},
+    {"mynetworks", "[]", NULL, "mynetworks: '[]': '' is not an IPv4 or IPv6 address"},
+    {"relay_domains", "backup.test, B.Example", "relay_domains = backup.test,b.example\n", NULL},
+    {"relay_domains", " x.test  x.test,,X.TEST ,", "relay_domains = x.test\n", NULL},
+    {"relay_domains", "", "relay_domains = \"\" # none\n", NULL},
+    {"relay_domains", "a.test,b_c.test", NULL,
+     "relay_domains: 'b_c.test' is not a domain name " DOMAIN_HINT},
     {"users_file", "/etc/posthaste/users", "users_file = /etc/posthaste/users\n", NULL},
     {"users_file", "", "users_file = \"\" # none\n", NULL},
     {"users_file", "a\tb", NULL, "users_file: contains a control character"},
@@ -876,7 +937,6 @@ static const struct set_case set_cases[] = {
     {"destination.b_test", "", NULL, "destination.b_test: not a domain name " DOMAIN_HINT},
     {"destination", "concurrency=1", NULL,
      "'destination': the domain goes in the key: destination.DOMAIN"},
-    {"mynetworks", "x", NULL, "'mynetworks' is not supported yet (reserved for a later version)"},
     {"TLS_CERT", "x", NULL, "'tls_cert' is not supported yet (reserved for a later version)"},
     {"tls_key", "x", NULL, "'tls_key' is not supported yet (reserved for a later version)"},
 };
@@ -1203,6 +1263,7 @@ static void test_ph_route_dest_limits(void **state)
 static void test_ph_helpers(void **state)
 {
 	static const char file[] = "local_domains = a.test, Example.ORG\n"
+	                           "relay_domains = Backup.test example.net\n"
 	                           "users_file = /u\n"
 	                           "delivery_concurrency = 7\n"
 	                           "route.example.com = [127.0.0.1]:2526\n"
@@ -1245,11 +1306,251 @@ static void test_ph_helpers(void **state)
 	assert_false(ph_config_is_local(&c, "a.test,example.org", 18));
 	assert_false(ph_config_is_local(&c, "b.test", 6));
 	assert_false(ph_config_is_local(&c, "", 0));
+	assert_false(ph_config_is_local(&c, "backup.test", 11));
+
+	assert_true(ph_config_is_relay_domain(&c, "backup.test", 11));
+	assert_true(ph_config_is_relay_domain(&c, "BACKUP.TEST", 11));
+	assert_true(ph_config_is_relay_domain(&c, "example.net", 11));
+	assert_true(ph_config_is_relay_domain(&c, "example.netXYZ", 11)); /* only len octets */
+	assert_false(ph_config_is_relay_domain(&c, "sub.backup.test", 15)); /* exact, no subdomains */
+	assert_false(ph_config_is_relay_domain(&c, "ackup.test", 10));
+	assert_false(ph_config_is_relay_domain(&c, "backup.test,example.net", 23));
+	assert_false(ph_config_is_relay_domain(&c, "a.test", 6)); /* local, not relay */
+	assert_false(ph_config_is_relay_domain(&c, "", 0));
 	ph_config_default(&c);
+	assert_false(ph_config_is_relay_domain(&c, "backup.test", 11));
+	assert_false(ph_config_is_relay_domain(&c, "", 0));
 	assert_false(ph_config_is_local(&c, "a.test", 6));
 	assert_false(ph_config_is_local(&c, "", 0));
 	assert_null(ph_config_route_for(&c, "example.com"));
 	assert_ptr_equal(ph_config_limits_for(&c, "example.com"), &c.limits);
+}
+
+/* ---- relay access: mynetworks ---- */
+
+/* ph_networks_parse: each network as "4|6 ADDRESS/PREFIX", separated by '|'. */
+static void test_ph_networks_parse(void **state)
+{
+	static const struct {
+		const char *in;
+		unsigned max; /* 0: PH_NETWORKS_MAX */
+		const char *want;
+		const char *err;
+	} cases[] = {
+	    {"", 0, "", NULL},
+	    {" ,\t, ", 0, "", NULL},
+	    {"127.0.0.0/8,::1/128", 0, "4 127.0.0.0/8|6 ::1/128", NULL},
+	    {"192.0.2.1", 0, "4 192.0.2.1/32", NULL},
+	    {"::1", 0, "6 ::1/128", NULL},
+	    {"[::1]", 0, "6 ::1/128", NULL},
+	    {"[2001:db8::]/32 , 0.0.0.0/0\t::/0", 0, "6 2001:db8::/32|4 0.0.0.0/0|6 ::/0", NULL},
+	    {"192.0.2.128/25", 0, "4 192.0.2.128/25", NULL},
+	    {"::ffff:192.0.2.0/120", 0, "6 ::ffff:192.0.2.0/120", NULL},
+	    {"a,b", 1, NULL, "'a': 'a' is not an IPv4 or IPv6 address"},
+	    {"10.0.0.0/8 10.0.0.0/8", 1, NULL, "more than 1 networks"},
+	    {"10.0.0.0/8", 0, "4 10.0.0.0/8", NULL},
+	    {"192.0.2.1/24", 0, NULL, "192.0.2.1/24 has host bits set"},
+	    {"192.0.2.128/24", 0, NULL, "192.0.2.128/24 has host bits set"},
+	    {"192.0.2.129/25", 0, NULL, "192.0.2.129/25 has host bits set"},
+	    {"2001:db8::8000/113", 0, "6 2001:db8::8000/113", NULL},
+	    {"2001:db8::4000/113", 0, NULL, "2001:db8::4000/113 has host bits set"},
+	    {"::1/127", 0, NULL, "::1/127 has host bits set"},
+	    {"1.2.3.4/33", 0, NULL, "'1.2.3.4/33': invalid prefix length (0 to 32)"},
+	    {"::/1000", 0, NULL, "'::/1000': invalid prefix length (0 to 128)"},
+	    {"[1.2.3.4/8]", 0, NULL, "'[1.2.3.4/8]': '1.2.3.4/8' is not an IPv4 or IPv6 address"},
+	    {"0123456789012345678901234567890123456789012345678901234567890123456789/8", 0, NULL,
+	     "'0123456789012345678901234567890123456789012345678901234567890123...': "
+	     "'0123456789012345678901234567890123456789012345678901234567890123...' is not an "
+	     "IPv4 or IPv6 address"},
+	};
+
+	for (size_t i = 0; i < ARRAY_SIZE(cases); i++) {
+		struct ph_net nets[PH_NETWORKS_MAX];
+		char name[160], err[256] = "", got[2048] = "", a[INET6_ADDRSTRLEN];
+		unsigned max = cases[i].max ? cases[i].max : PH_NETWORKS_MAX;
+		int n = ph_networks_parse(cases[i].in, nets, max, err, sizeof(err));
+
+		snprintf(name, sizeof(name), "ph_networks_parse('%s')", cases[i].in);
+		expect_rc(name, cases[i].err ? -1 : 0, n < 0 ? -1 : 0, err);
+		if (cases[i].err) {
+			expect_str(name, "error", cases[i].err, err);
+			assert_int_equal(ph_networks_parse(cases[i].in, NULL, max, err, sizeof(err)),
+			                 -1);
+			continue;
+		}
+		for (int j = 0; j < n; j++) {
+			char one[80];
+
+			assert_true(nets[j].family == AF_INET || nets[j].family == AF_INET6);
+			assert_non_null(inet_ntop(nets[j].family, nets[j].addr, a, sizeof(a)));
+			if (nets[j].family == AF_INET) /* the unused octets are 0 */
+				assert_memory_equal(nets[j].addr + 4, "\0\0\0\0\0\0\0\0\0\0\0\0", 12);
+			snprintf(one, sizeof(one), "%s%d %s/%u", j ? "|" : "",
+			         nets[j].family == AF_INET ? 4 : 6, a, nets[j].prefix);
+			strcat(got, one);
+		}
+		expect_str(name, "networks", cases[i].want, got);
+		assert_int_equal(ph_networks_parse(cases[i].in, NULL, max, err, sizeof(err)), n);
+	}
+}
+
+/* An address as a socket reports it: AF_INET6 when it holds a ':', else AF_INET. */
+static void sockaddr_of(const char *a, struct sockaddr_storage *ss)
+{
+	memset(ss, 0, sizeof(*ss));
+	if (strchr(a, ':')) {
+		struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)ss;
+
+		sin6->sin6_family = AF_INET6;
+		sin6->sin6_port = htons(25);
+		assert_int_equal(inet_pton(AF_INET6, a, &sin6->sin6_addr), 1);
+	} else {
+		struct sockaddr_in *sin = (struct sockaddr_in *)ss;
+
+		sin->sin_family = AF_INET;
+		sin->sin_port = htons(25);
+		assert_int_equal(inet_pton(AF_INET, a, &sin->sin_addr), 1);
+	}
+}
+
+static void test_ph_networks_match(void **state)
+{
+	static const struct {
+		const char *nets, *addr;
+		bool want;
+	} cases[] = {
+	    /* the default: loopback only */
+	    {"127.0.0.0/8,::1/128", "127.0.0.1", true},
+	    {"127.0.0.0/8,::1/128", "127.255.255.254", true},
+	    {"127.0.0.0/8,::1/128", "128.0.0.1", false},
+	    {"127.0.0.0/8,::1/128", "126.255.255.255", false},
+	    {"127.0.0.0/8,::1/128", "192.0.2.1", false},
+	    {"127.0.0.0/8,::1/128", "::1", true},
+	    {"127.0.0.0/8,::1/128", "::2", false},
+	    {"127.0.0.0/8,::1/128", "::", false},
+	    {"127.0.0.0/8,::1/128", "::ffff:127.0.0.1", true}, /* IPv4-mapped */
+	    {"127.0.0.0/8,::1/128", "::ffff:128.0.0.1", false},
+	    {"127.0.0.0/8,::1/128", "2001:db8::1", false},
+	    /* IPv4 */
+	    {"10.0.0.0/8", "10.1.2.3", true},
+	    {"10.0.0.0/8", "11.0.0.0", false},
+	    {"10.0.0.0/8", "9.255.255.255", false},
+	    {"10.0.0.0/8", "::ffff:10.1.2.3", true},
+	    {"10.0.0.0/8", "::a01:203", false},        /* IPv4-compatible: not mapped */
+	    {"10.0.0.0/8", "64:ff9b::a01:203", false}, /* NAT64: not mapped */
+	    {"10.0.0.0/8", "::ffff:0:a01:203", false}, /* SIIT-translated: not mapped */
+	    {"192.0.2.0/25", "192.0.2.127", true},
+	    {"192.0.2.0/25", "192.0.2.128", false},
+	    {"192.0.2.128/25", "192.0.2.128", true},
+	    {"192.0.2.128/25", "192.0.2.127", false},
+	    {"172.16.0.0/12", "172.31.255.255", true},
+	    {"172.16.0.0/12", "172.32.0.0", false},
+	    {"192.0.2.7", "192.0.2.7", true}, /* /32 */
+	    {"192.0.2.7/32", "::ffff:192.0.2.7", true},
+	    {"192.0.2.7/32", "192.0.2.6", false},
+	    {"192.0.2.7/32", "192.0.2.8", false},
+	    {"0.0.0.0/0", "1.2.3.4", true},
+	    {"0.0.0.0/0", "255.255.255.255", true},
+	    {"0.0.0.0/0", "::ffff:1.2.3.4", true},
+	    {"0.0.0.0/0", "::1", false},
+	    {"0.0.0.0/0", "2001:db8::1", false},
+	    /* IPv6 */
+	    {"::/0", "2001:db8::1", true},
+	    {"::/0", "::1", true},
+	    {"::/0", "1.2.3.4", true}, /* its mapped form ::ffff:1.2.3.4 */
+	    {"2001:db8::/32", "2001:db8:ffff:ffff:ffff:ffff:ffff:ffff", true},
+	    {"2001:db8::/32", "2001:db9::1", false},
+	    {"2001:db8::/32", "2001:db7:ffff::1", false},
+	    {"2001:db8::/32", "192.0.2.1", false},
+	    {"2001:db8:8000::/33", "2001:db8:8000::1", true},
+	    {"2001:db8:8000::/33", "2001:db8:7fff::1", false},
+	    {"2001:db8::1/128", "2001:db8::1", true},
+	    {"2001:db8::1", "2001:db8::2", false},
+	    {"2001:db8::1", "2001:db8::", false},
+	    {"fe80::/10", "febf::1", true},
+	    {"fe80::/10", "fec0::1", false},
+	    /* an IPv6 entry of mapped addresses holds the IPv4 clients too */
+	    {"::ffff:10.0.0.0/104", "10.9.9.9", true},
+	    {"::ffff:10.0.0.0/104", "::ffff:10.9.9.9", true},
+	    {"::ffff:10.0.0.0/104", "11.0.0.1", false},
+	    {"::ffff:0:0/96", "203.0.113.5", true},
+	    /* several: any one */
+	    {"10.0.0.0/8 192.168.0.0/16 2001:db8::/32", "192.168.255.1", true},
+	    {"10.0.0.0/8 192.168.0.0/16 2001:db8::/32", "2001:db8::25", true},
+	    {"10.0.0.0/8 192.168.0.0/16 2001:db8::/32", "192.169.0.1", false},
+	    /* none */
+	    {"", "127.0.0.1", false},
+	    {"", "::1", false},
+	};
+
+	for (size_t i = 0; i < ARRAY_SIZE(cases); i++) {
+		struct ph_net nets[PH_NETWORKS_MAX];
+		struct sockaddr_storage ss;
+		char err[256] = "";
+		int n = ph_networks_parse(cases[i].nets, nets, PH_NETWORKS_MAX, err, sizeof(err));
+
+		expect_rc(cases[i].nets, 0, n < 0 ? -1 : 0, err);
+		sockaddr_of(cases[i].addr, &ss);
+		if (ph_networks_match(nets, (unsigned)n, &ss) != cases[i].want)
+			fail_msg("ph_networks_match('%s', %s): want %s", cases[i].nets,
+			         cases[i].addr, cases[i].want ? "a match" : "no match");
+	}
+
+	/* not an IP socket, no address, no networks: no match */
+	{
+		struct ph_net nets[2];
+		struct sockaddr_storage ss;
+		char err[256];
+
+		assert_int_equal(ph_networks_parse("0.0.0.0/0 ::/0", nets, 2, err, sizeof(err)), 2);
+		memset(&ss, 0, sizeof(ss));
+		ss.ss_family = AF_UNIX;
+		assert_false(ph_networks_match(nets, 2, &ss));
+		assert_false(ph_networks_match(nets, 2, NULL));
+		sockaddr_of("127.0.0.1", &ss);
+		assert_true(ph_networks_match(nets, 2, &ss));
+		assert_false(ph_networks_match(nets, 0, &ss));
+	}
+}
+
+/* mynetworks: at most 64 networks, and as long as its field allows. */
+static void test_ph_networks_limits(void **state)
+{
+	struct ph_config c, before, again;
+	char v[4096], err[256], *out;
+
+	ph_config_default(&c);
+	v[0] = '\0';
+	for (unsigned i = 0; i < PH_NETWORKS_MAX; i++)
+		snprintf(v + strlen(v), sizeof(v) - strlen(v), "%s10.0.%u.0/24", i ? " " : "", i);
+	assert_int_equal(ph_config_set(&c, "mynetworks", v, err, sizeof(err)), 0);
+	assert_int_equal(ph_networks_parse(c.mynetworks, NULL, PH_NETWORKS_MAX, err, sizeof(err)),
+	                 PH_NETWORKS_MAX);
+	assert_int_equal(ph_config_check(&c, err, sizeof(err)), 0);
+	out = ph_printed(&c);
+	ph_config_default(&again);
+	assert_int_equal(
+	    ph_config_load_buffer(&again, "printed", out, strlen(out), err, sizeof(err)), 0);
+	assert_true(ph_equal(&c, &again));
+	free(out);
+
+	memcpy(&before, &c, sizeof(c));
+	strcat(v, ",10.0.64.0/24");
+	assert_int_equal(ph_config_set(&c, "mynetworks", v, err, sizeof(err)), -1);
+	assert_string_equal(err, "mynetworks: more than 64 networks");
+	assert_memory_equal(&c, &before, sizeof(c));
+
+	/* 23 x 43 octets + 22 commas = 1011 octets fit in 1023; 24 do not */
+	v[0] = '\0';
+	for (unsigned i = 0; i < 23; i++)
+		strcat(v, i ? ",1111:2222:3333:4444:5555:6666:7777:8888/128"
+		            : "1111:2222:3333:4444:5555:6666:7777:8888/128");
+	assert_int_equal(ph_config_set(&c, "mynetworks", v, err, sizeof(err)), 0);
+	assert_string_equal(c.mynetworks, v);
+	assert_int_equal(ph_config_check(&c, err, sizeof(err)), 0);
+	strcat(v, " [1111:2222:3333:4444:5555:6666:7777:8888]");
+	assert_int_equal(ph_config_set(&c, "mynetworks", v, err, sizeof(err)), -1);
+	assert_string_equal(err, "mynetworks: longer than 1023 octets");
 }
 
 /* ---- files ---- */
@@ -1304,11 +1605,16 @@ static const struct load_case load_cases[] = {
      "discard = no\n"
      "log_level = warning\n"
      "max_queue_age = 5d\n"
+     "smtp_auth = yes\n"
+     "smtp_auth_required = on\n"
+     "smtp_auth_without_tls = true\n"
      "resolver = 127.0.0.1:5353, [::1]:53\n"
      "smarthost = [192.0.2.25]:2526\n"
      "route.example.com = [127.0.0.1]:2526,[::1]:2526\n"
      "route.Example.NET = mx.example.net:2525\n"
      "local_domains = a.test, B.test\n"
+     "mynetworks = 192.0.2.0/24 [2001:db8::]/32\n"
+     "relay_domains = Backup.test\n"
      "users_file = /etc/posthaste/users\n"
      "mailbox_root = /var/mail\n"
      "accounting_log = -\n"
@@ -1342,11 +1648,16 @@ static const struct load_case load_cases[] = {
      "delivery = yes\n"
      "log_level = warning\n"
      "max_queue_age = 5d\n"
+     "smtp_auth = yes\n"
+     "smtp_auth_required = yes\n"
+     "smtp_auth_without_tls = yes\n"
      "resolver = 127.0.0.1:5353,[::1]:53\n"
      "smarthost = [192.0.2.25]:2526\n"
      "route.example.com = [127.0.0.1]:2526,[::1]:2526\n"
      "route.example.net = mx.example.net:2525\n"
      "local_domains = a.test,b.test\n"
+     "mynetworks = 192.0.2.0/24,2001:db8::/32\n"
+     "relay_domains = backup.test\n"
      "users_file = /etc/posthaste/users\n"
      "mailbox_root = /var/mail\n"
      "accounting_log = -\n"
@@ -1376,6 +1687,10 @@ static const struct load_case load_cases[] = {
     {"route_replaces_same_domain",
      "route.a.test = x.test\nroute.b.test = y.test\nROUTE.A.TEST = z.test:26\n", NULL,
      "route.a.test = z.test:26\nroute.b.test = y.test\nlocal_domains", NULL},
+    {"mynetworks_last_one_wins", "mynetworks = 10.0.0.0/8\nmynetworks = 192.0.2.0/24\n", NULL,
+     "\nmynetworks = 192.0.2.0/24\nrelay_domains", NULL},
+    {"mynetworks_host_bits", "\nmynetworks = 127.0.0.1/8, ::1\n", NULL, NULL,
+     "%s:2: mynetworks: 127.0.0.1/8 has host bits set"},
     {"delivery_key_after_destination",
      "delivery_concurrency = 5\ndestination.a.test = rate=1/s\ndelivery_rate = 2/s\n", NULL, NULL,
      "%s:3: delivery_rate: must come before the destination.DOMAIN keys (each copies the "
@@ -1500,6 +1815,11 @@ static void test_round_trip(void **state)
 	    "messages_per_connection=1000000 idle_timeout=1d\n"
 	    "destination.D1.test = idle_timeout=90s\ndestination.d3.test =\n",
 	    "delivery_rate = 0\ndelivery_connection_rate = 10/5s\ndestination.a = rate=5000/h\n",
+	    /* relay access */
+	    "mynetworks = \"  [::1]  10.0.0.0/8,,::ffff:192.0.2.0/120 0.0.0.0/0 [2001:DB8::]\"\n"
+	    "relay_domains = R1.test r2.test,R1.TEST\n",
+	    "mynetworks =\nrelay_domains = \"\"\n",
+	    "mynetworks = ::/0\n",
 	};
 
 	for (size_t i = 0; i < ARRAY_SIZE(configs); i++) {
@@ -1656,6 +1976,31 @@ static void tweak_smarthost_bad(struct ph_config *c)
 	snprintf(c->smarthost, sizeof(c->smarthost), "a:99999");
 }
 
+static void tweak_mynetworks_spaced(struct ph_config *c)
+{
+	snprintf(c->mynetworks, sizeof(c->mynetworks), "127.0.0.1/32 ");
+}
+
+static void tweak_mynetworks_bare(struct ph_config *c)
+{
+	snprintf(c->mynetworks, sizeof(c->mynetworks), "127.0.0.1");
+}
+
+static void tweak_mynetworks_host_bits(struct ph_config *c)
+{
+	snprintf(c->mynetworks, sizeof(c->mynetworks), "10.0.0.1/8");
+}
+
+static void tweak_mynetworks_unterminated(struct ph_config *c)
+{
+	memset(c->mynetworks, '1', sizeof(c->mynetworks));
+}
+
+static void tweak_relay_upper(struct ph_config *c)
+{
+	snprintf(c->relay_domains, sizeof(c->relay_domains), "B.test");
+}
+
 static const struct {
 	const char *name;
 	const char *file;
@@ -1734,6 +2079,27 @@ static const struct {
     {"too_many_routes", "", tweak_too_many_routes, "route: more than 64 routes"},
     {"local_domains_not_normal", "users_file = /u\n", tweak_local_upper,
      "local_domains: not in its normal form ('a.test')"},
+    /* relay access */
+    {"relay_every_key",
+     "local_domains = a.test\nusers_file = /u\nrelay_domains = b.test\nroute.b.test = "
+     "[192.0.2.1]\nmynetworks = 192.0.2.0/24\n",
+     NULL, NULL},
+    {"mynetworks_empty", "mynetworks = \"\"\n", NULL, NULL},
+    {"relay_domains_without_local_domains", "relay_domains = b.test\n", NULL, NULL},
+    {"relay_and_local", "local_domains = a.test\nusers_file = /u\nrelay_domains = b.test, A.test\n",
+     NULL,
+     "relay_domains: a.test is in local_domains too (a domain is either delivered locally or "
+     "relayed)"},
+    {"mynetworks_not_normal", "", tweak_mynetworks_spaced,
+     "mynetworks: not in its normal form ('127.0.0.1/32')"},
+    {"mynetworks_no_prefix", "", tweak_mynetworks_bare,
+     "mynetworks: not in its normal form ('127.0.0.1/32')"},
+    {"mynetworks_host_bits", "", tweak_mynetworks_host_bits,
+     "mynetworks: 10.0.0.1/8 has host bits set"},
+    {"mynetworks_unterminated", "", tweak_mynetworks_unterminated,
+     "mynetworks: not NUL-terminated"},
+    {"relay_domains_not_normal", "", tweak_relay_upper,
+     "relay_domains: not in its normal form ('b.test')"},
     {"resolver_not_normal", "", tweak_resolver_spaced,
      "resolver: not in its normal form ('127.0.0.1:53')"},
     {"smarthost_invalid", "", tweak_smarthost_bad,
@@ -1807,6 +2173,9 @@ int main(void)
 	    cmocka_unit_test(test_ph_long_lists),
 	    cmocka_unit_test(test_ph_route_dest_limits),
 	    cmocka_unit_test(test_ph_helpers),
+	    cmocka_unit_test(test_ph_networks_parse),
+	    cmocka_unit_test(test_ph_networks_match),
+	    cmocka_unit_test(test_ph_networks_limits),
 	    cmocka_unit_test(test_load_cases),
 	    cmocka_unit_test(test_load_file_errors),
 	    cmocka_unit_test(test_round_trip),
