@@ -10,7 +10,7 @@ apt_get() { apt-get -o DPkg::Lock::Timeout=600 -o Acquire::Retries=3 "$@"; }
 pkgs=(
   # build
   gcc clang lld pkg-config meson ninja-build
-  liburing-dev libssl-dev libjemalloc-dev libc-ares-dev libcmocka-dev
+  liburing-dev libssl-dev libcrypt-dev libjemalloc-dev libc-ares-dev libcmocka-dev openssl
   # sanitizer and fuzzer runtimes for clang
   libclang-rt-14-dev
   # tests: real clients and peers
