@@ -90,8 +90,9 @@ static int truncated(const struct cursor *c, char *err, size_t errlen)
 			goto torn;                                                                 \
 	} while (0)
 
-int spool_envelope_decode(const uint8_t *payload, size_t len, struct spool_message *out, char *err,
-                          size_t errlen)
+/* head_only: payload is the envelope alone (its body kept elsewhere); else envelope + body. */
+static int decode(const uint8_t *payload, size_t len, bool head_only, struct spool_message *out,
+                  char *err, size_t errlen)
 {
 	memset(out, 0, sizeof(*out));
 	if (err && errlen)
@@ -127,7 +128,10 @@ int spool_envelope_decode(const uint8_t *payload, size_t len, struct spool_messa
 		    err, errlen,
 		    "envelope: %u recipients cannot fit in the %zu octets left at offset %zu",
 		    m.nrcpts, c.end - c.pos, c.pos);
-	if (len - env_len != body_len)
+	if (head_only && len != env_len)
+		return fail(err, errlen, "envelope: %zu octets after an envelope given alone",
+		            len - env_len);
+	if (!head_only && len - env_len != body_len)
 		return fail(err, errlen,
 		            "envelope: body length %llu does not match the %zu octets after the "
 		            "envelope",
@@ -155,14 +159,26 @@ int spool_envelope_decode(const uint8_t *payload, size_t len, struct spool_messa
 		            "%zu) and the envelope's end",
 		            c.end - c.pos, c.pos);
 	}
-	m.body = payload + env_len;
-	m.body_len = len - env_len;
+	m.body = head_only ? NULL : payload + env_len;
+	m.body_len = head_only ? body_len : len - env_len;
 	*out = m;
 	return 0;
 
 torn:
 	free(m.rcpts);
 	return truncated(&c, err, errlen);
+}
+
+int spool_envelope_decode(const uint8_t *payload, size_t len, struct spool_message *out, char *err,
+                          size_t errlen)
+{
+	return decode(payload, len, false, out, err, errlen);
+}
+
+int spool_envelope_decode_head(const uint8_t *env, size_t len, struct spool_message *out,
+                               char *err, size_t errlen)
+{
+	return decode(env, len, true, out, err, errlen);
 }
 
 void spool_message_free(struct spool_message *m)

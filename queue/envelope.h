@@ -69,6 +69,14 @@ struct spool_message {
 int spool_envelope_decode(const uint8_t *payload, size_t len, struct spool_message *out, char *err,
                           size_t errlen);
 
+/*
+ * The same for an envelope given alone (len octets, exactly the envelope; the
+ * body is kept elsewhere): out->body is NULL and out->body_len the encoded
+ * body length.
+ */
+int spool_envelope_decode_head(const uint8_t *env, size_t len, struct spool_message *out,
+                               char *err, size_t errlen);
+
 /* Frees the recipient array and sets m->rcpts to NULL; accepts NULL and a freed message. */
 void spool_message_free(struct spool_message *m);
 

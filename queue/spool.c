@@ -44,6 +44,7 @@
 #define SPACE_CHECK_MS  500
 #define SEGMENT_DEFAULT (64ull << 20)
 #define COMPACT_CHECK_MS 1000
+#define HOT_MAX (64ull << 20) /* bytes of just-committed messages kept in memory, per worker */
 #define COMPACT_AFTER_DEFAULT 30000
 #define COMPACT_BATCH_MAX 4096 /* messages copied per check */
 
@@ -115,6 +116,7 @@ struct spool_worker {
 	struct net_timer compact_timer;
 	bool low_space;
 	struct spool_seg *segs_head, *segs_tail; /* owned segments, oldest first */
+	uint64_t hot_bytes; /* kept by spool_hot objects still attached to entries */
 	struct spool_seg *cur;                    /* the one being written */
 	struct spool_entry **htab;                /* live entries by id */
 	size_t hsize, hcount;
@@ -223,6 +225,59 @@ uint64_t spool_worker_live(const struct spool_worker *sw)
 	return sw->hcount;
 }
 
+struct spool_hot {
+	char *env;
+	size_t env_len;
+	struct body_chunk *head;
+	uint64_t bytes;
+};
+
+void spool_hot_free(struct spool_hot *h)
+{
+	if (!h)
+		return;
+	for (struct body_chunk *c = h->head, *n; c; c = n) {
+		n = c->next;
+		free(c);
+	}
+	free(h->env);
+	free(h);
+}
+
+const uint8_t *spool_hot_env(const struct spool_hot *h, size_t *len_r)
+{
+	*len_r = h->env_len;
+	return (const uint8_t *)h->env;
+}
+
+int spool_hot_body(const struct spool_hot *h, struct iovec *iov, unsigned max)
+{
+	unsigned n = 0;
+	for (const struct body_chunk *c = h->head; c; c = c->next) {
+		if (!c->len)
+			continue;
+		if (n == max)
+			return -E2BIG;
+		iov[n++] = (struct iovec){(void *)c->data, c->len};
+	}
+	return (int)n;
+}
+
+struct spool_hot *spool_entry_take_hot(struct spool_worker *sw, struct spool_entry *e)
+{
+	struct spool_hot *h = e->hot;
+	if (h) {
+		e->hot = NULL;
+		sw->hot_bytes -= h->bytes;
+	}
+	return h;
+}
+
+static void entry_drop_hot(struct spool_worker *sw, struct spool_entry *e)
+{
+	spool_hot_free(spool_entry_take_hot(sw, e));
+}
+
 static void seg_free(struct spool_seg *g)
 {
 	if (g->rfd >= 0)
@@ -269,6 +324,7 @@ static void entry_remove(struct spool_worker *sw, struct spool_entry *e)
 	e->seg->live_bytes -= e->len;
 	if (e->moving)
 		e->moving->moved = NULL; /* the copy lands as a dead record */
+	entry_drop_hot(sw, e);
 	free(e->rcpt_done);
 	free(e);
 	segs_gc(sw);
@@ -768,6 +824,17 @@ static void batch_finish(struct spool_worker *sw, int res)
 					e = NULL;
 				}
 			}
+			if (e && sw->hooks.added && sw->hot_bytes + t->body_len <= HOT_MAX) {
+				/* the buffers the record was written from stay for delivery */
+				struct spool_hot *h = malloc(sizeof(*h));
+				if (h) {
+					*h = (struct spool_hot){t->env, t->env_len, t->head, t->body_len};
+					t->env = NULL;
+					t->head = t->tail = NULL;
+					e->hot = h;
+					sw->hot_bytes += h->bytes;
+				}
+			}
 			if (!e && !sw->sp->cfg.discard) {
 				sw->cur->pinned = true; /* its live count misses this message */
 				log_once(LOG_ERR, "spool: out of memory for the live queue: accepted "
@@ -1174,6 +1241,7 @@ void spool_worker_fini(struct spool_worker *sw)
 		for (struct spool_entry *e = sw->htab[i], *n; e; e = n) {
 			n = e->hnext;
 			free(e->rcpt_done);
+			spool_hot_free(e->hot);
 			free(e);
 		}
 	free(sw->htab);
@@ -1483,7 +1551,8 @@ static unsigned remove_final_segments(struct rec_ctx *c)
 		byid = malloc((c->nmsgs ? c->nmsgs : 1) * sizeof(*byid));
 		if (!byid)
 			return 0; /* keeping segments is always safe */
-		memcpy(byid, c->msgs, c->nmsgs * sizeof(*byid));
+		if (c->nmsgs)
+			memcpy(byid, c->msgs, c->nmsgs * sizeof(*byid));
 		qsort(byid, c->nmsgs, sizeof(*byid), rec_ref_cmp);
 		/* the largest set whose state records only name messages within it */
 		for (bool changed = true; changed;) {
@@ -1647,7 +1716,7 @@ static int build_live(struct spool *sp, struct rec_ctx *c)
 		seg_append(&sp->workers[owner[i]], rs[i]);
 	}
 	/* the segments borrow the directories: the spool keeps them open */
-	int *fds = realloc(sp->dirfds, (sp->ndirfds + c->ndirs) * sizeof(*fds));
+	int *fds = realloc(sp->dirfds, (sp->ndirfds + c->ndirs + 1) * sizeof(*fds));
 	if (!fds)
 		goto out;
 	sp->dirfds = fds;
@@ -1655,8 +1724,10 @@ static int build_live(struct spool *sp, struct rec_ctx *c)
 		sp->dirfds[sp->ndirfds++] = c->dirfds[d];
 		c->dirfds[d] = -1;
 	}
-	memcpy(byid, c->msgs, c->nmsgs * sizeof(*byid));
-	qsort(byid, c->nmsgs, sizeof(*byid), rec_ref_cmp);
+	if (c->nmsgs) {
+		memcpy(byid, c->msgs, c->nmsgs * sizeof(*byid));
+		qsort(byid, c->nmsgs, sizeof(*byid), rec_ref_cmp);
+	}
 	for (size_t i = 0; i < c->nsegs; i++) {
 		if (!rs[i] || rs[i]->pinned)
 			continue;
@@ -1930,6 +2001,7 @@ void spool_close(struct spool **spp)
 			for (struct spool_entry *e = sw->htab[k], *n; e; e = n) {
 				n = e->hnext;
 				free(e->rcpt_done);
+				spool_hot_free(e->hot);
 				free(e);
 			}
 		free(sw->htab);

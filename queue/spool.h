@@ -154,6 +154,7 @@ struct spool_entry {
 	uint32_t len; /* payload octets */
 	struct spool_entry *hnext;
 	struct spool_txn *moving; /* its compaction copy in flight */
+	struct spool_hot *hot;    /* the message still in memory, right after its commit */
 };
 
 struct spool_hooks {
@@ -179,6 +180,20 @@ uint64_t spool_worker_live(const struct spool_worker *sw);
  */
 int spool_entry_read(struct spool_worker *sw, const struct spool_entry *e, uint8_t **buf_r,
 		     size_t *len_r);
+/*
+ * A message just committed keeps its envelope and body buffers (the ones the
+ * record was written from) so that delivery need not read it back: while
+ * the worker's kept bytes stay under a bound (64 MiB), until it is taken.
+ * spool_entry_take_hot hands them over (NULL when there are none: then use
+ * spool_entry_read); the caller frees them with spool_hot_free.
+ */
+struct spool_hot;
+struct spool_hot *spool_entry_take_hot(struct spool_worker *sw, struct spool_entry *e);
+/* The envelope octets (spool_envelope_decode_head reads them). */
+const uint8_t *spool_hot_env(const struct spool_hot *h, size_t *len_r);
+/* The body (trace header and message) as up to max iovecs; the count, or -E2BIG. */
+int spool_hot_body(const struct spool_hot *h, struct iovec *iov, unsigned max);
+void spool_hot_free(struct spool_hot *h);
 /*
  * Appends a state record for e with this turn's group commit (r->state one of
  * HELD, RELEASED, DELETED, DELIVERED, BOUNCED, DEFERRED, RCPT_DONE) and

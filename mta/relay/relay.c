@@ -98,10 +98,14 @@ static bool bucket_take(struct bucket *b, uint64_t now, uint64_t *wait_ms)
 
 /* ---- objects ---- */
 
+/* The message's octets, shared with the connections' output by reference. */
 struct rbuf {
 	unsigned refs;
-	uint8_t *data;
+	uint8_t *data;         /* read back from the spool, or */
+	struct spool_hot *hot; /* the buffers it was written from */
 };
+
+#define BODY_IOV_MAX 64
 
 enum { RQ_NONE = 0, RQ_READY, RQ_DEFERRED, RQ_ACTIVE, RQ_HELD };
 
@@ -128,6 +132,8 @@ struct amsg {
 	struct rq *rq;
 	struct rbuf *buf;
 	struct spool_message m;
+	struct iovec biov[BODY_IOV_MAX]; /* the body: one slice when read back, the chunks when hot */
+	unsigned nbiov;
 	struct arcpt *rc;
 	unsigned outstanding; /* jobs in flight */
 	char msgid[200];
@@ -363,6 +369,7 @@ static void rbuf_unref(struct rbuf *b)
 {
 	if (b && --b->refs == 0) {
 		free(b->data);
+		spool_hot_free(b->hot);
 		free(b);
 	}
 }
@@ -952,7 +959,6 @@ static int conn_next_once(struct rconn *rc)
 		rc->rcpts[k] = (struct smtp_client_rcpt){r->addr, r->addr_len, r->notify, r->orcpt,
 							 r->orcpt_len};
 	}
-	rc->body = (struct iovec){(void *)am->m.body, am->m.body_len};
 	/* the client keeps a pointer to it until on_msg_done */
 	rc->msg = (struct smtp_client_msg){
 	    .sender = am->m.sender,
@@ -966,8 +972,8 @@ static int conn_next_once(struct rconn *rc)
 							: 0,
 	    .smtputf8 = (am->m.flags & SPOOL_ENV_SMTPUTF8) != 0,
 	    .eightbit = (am->m.flags & SPOOL_ENV_8BITMIME) != 0,
-	    .body = &rc->body,
-	    .nbody = 1,
+	    .body = am->biov,
+	    .nbody = am->nbiov,
 	    .size = am->m.body_len,
 	};
 	int sr = smtp_client_send_msg(&rc->cl, &rc->msg);
@@ -1308,9 +1314,11 @@ static void local_deliver(struct amsg *am, unsigned i)
 				   rp->addr, rp->addr_len);
 	if (pl >= sizeof(prefix))
 		pl = 0;
-	struct iovec iov[2] = {{prefix, pl}, {(void *)am->m.body, am->m.body_len}};
+	struct iovec iov[1 + BODY_IOV_MAX];
+	iov[0] = (struct iovec){prefix, pl};
+	memcpy(iov + 1, am->biov, am->nbiov * sizeof(*iov));
 	char name[MAILDIR_NAME_MAX];
-	int e = maildir_deliver(dir, iov, 2, name, sizeof(name));
+	int e = maildir_deliver(dir, iov, 1 + am->nbiov, name, sizeof(name));
 	if (e == 0) {
 		char diag[MAILDIR_NAME_MAX + 32];
 		snprintf(diag, sizeof(diag), "delivered to maildir as %s", name);
@@ -1351,10 +1359,30 @@ static void activate(struct relay_worker *rw, struct rq *q)
 	struct amsg *am = calloc(1, sizeof(*am));
 	struct rbuf *b = calloc(1, sizeof(*b));
 	size_t len = 0;
-	int r = !am || !b ? -ENOMEM : spool_entry_read(rw->sw, q->e, &b->data, &len);
 	char err[160];
-	if (r == 0 && spool_envelope_decode(b->data, len, &am->m, err, sizeof(err)) < 0)
-		r = -EBADMSG;
+	int r = !am || !b ? -ENOMEM : 0;
+	/* right after reception the message is still in memory: no read back */
+	struct spool_hot *h = r == 0 ? spool_entry_take_hot(rw->sw, q->e) : NULL;
+	if (h) {
+		size_t el;
+		const uint8_t *env = spool_hot_env(h, &el);
+		int nb = spool_hot_body(h, am->biov, BODY_IOV_MAX);
+		if (nb >= 0 && spool_envelope_decode_head(env, el, &am->m, err, sizeof(err)) == 0) {
+			am->nbiov = (unsigned)nb;
+			b->hot = h;
+		} else {
+			spool_hot_free(h); /* too many pieces, or damaged: the disk has it */
+		}
+	}
+	if (r == 0 && !b->hot) {
+		r = spool_entry_read(rw->sw, q->e, &b->data, &len);
+		if (r == 0 && spool_envelope_decode(b->data, len, &am->m, err, sizeof(err)) < 0)
+			r = -EBADMSG;
+		if (r == 0) {
+			am->biov[0] = (struct iovec){(void *)am->m.body, am->m.body_len};
+			am->nbiov = 1;
+		}
+	}
 	if (r < 0) {
 		free(am);
 		if (b)
@@ -1384,8 +1412,7 @@ static void activate(struct relay_worker *rw, struct rq *q)
 	rw->nactive++;
 	rw->stats.attempts++;
 	am->rc = calloc(am->m.nrcpts ? am->m.nrcpts : 1, sizeof(*am->rc));
-	struct iovec biov = {(void *)am->m.body, am->m.body_len};
-	relay_find_message_id(&biov, 1, am->msgid, sizeof(am->msgid));
+	relay_find_message_id(am->biov, am->nbiov, am->msgid, sizeof(am->msgid));
 	if (!am->rc) {
 		am->outstanding = 1;
 		am->rc = NULL;
@@ -1553,14 +1580,30 @@ static int send_dsn(struct amsg *am)
 		   : (am->m.flags & SPOOL_ENV_RET_HDRS) ? DSN_RET_HDRS
 							: DSN_RET_UNSET,
 	    .smtputf8 = (am->m.flags & SPOOL_ENV_SMTPUTF8) != 0,
-	    .msg = am->m.body,
+	    .msg = NULL, /* below: the body in one piece */
 	    .msg_len = am->m.body_len,
 	    .random = rnd_next(&rw->rnd),
 	};
+	/* the composer wants the original in one piece: join the chunks of a hot body */
+	uint8_t *flat = NULL;
+	if (am->nbiov == 1) {
+		dm.msg = am->biov[0].iov_base;
+	} else if ((flat = malloc(am->m.body_len ? am->m.body_len : 1))) {
+		size_t o = 0;
+		for (unsigned i = 0; i < am->nbiov; i++) {
+			memcpy(flat + o, am->biov[i].iov_base, am->biov[i].iov_len);
+			o += am->biov[i].iov_len;
+		}
+		dm.msg = flat;
+	} else {
+		free(dr);
+		return -ENOMEM;
+	}
 	char *out = NULL;
 	size_t outlen = 0;
 	int r = dsn_build(&dm, dr, k, &out, &outlen);
 	free(dr);
+	free(flat);
 	if (r == -ENOENT)
 		return 0; /* nobody asked for one (NOTIFY) */
 	if (r < 0) {

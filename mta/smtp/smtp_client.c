@@ -78,7 +78,8 @@ static void cmd_put(struct smtp_client *cl, const char *s, size_t n)
 	if (unlikely(cl->cmd_len + n > cl->cmd_cap))
 		panic("smtp_client: command buffer overflow (%zu + %zu > %zu)", cl->cmd_len, n,
 		      cl->cmd_cap);
-	memcpy(cl->cmd + cl->cmd_len, s, n);
+	if (n)
+		memcpy(cl->cmd + cl->cmd_len, s, n);
 	cl->cmd_len += n;
 }
 
