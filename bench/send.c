@@ -21,6 +21,11 @@
  * with net_send_ref; only the per-message header (Date, Message-ID) and the
  * BDAT command are copied with net_send. Replies are parsed in place.
  *
+ * TLS (--tls starttls|implicit): STARTTLS after the first EHLO, then EHLO
+ * again; or the handshake right after connecting (RFC 8314). No certificate
+ * check (a load generator), no SNI. --tls-reuse: each worker keeps the newest
+ * session of its connections and resumes it on the next one.
+ *
  * Threads: the process context is read-only while the engine runs, except
  * its atomics (claimed messages, live workers, end time). Each worker owns
  * its slots, counters and histogram; counters are relaxed atomics only so
@@ -48,6 +53,7 @@
 #include "core/log.h"
 #include "mta/smtp/smtp_reply_parser.h"
 #include "net/net.h"
+#include "tls/tls.h"
 
 #define SEND_MAX_FAILURES 10 /* consecutive connection failures before a slot gives up */
 #define SEND_RETRY_MIN_MS 50 /* first reconnect delay; doubles per failure */
@@ -83,7 +89,13 @@ struct send_opts {
 	const char *to;
 	const char *helo;
 	const char *ids_file; /* --ids-file: one line per accepted message, its queue id */
+	int tls;              /* SEND_TLS_*: --tls */
+	bool tls_reuse;       /* --tls-reuse: resume sessions */
+	uint64_t per_conn;    /* --messages-per-connection: then QUIT and reconnect; 0 = no limit */
 };
+
+enum { SEND_TLS_NONE = 0, SEND_TLS_STARTTLS, SEND_TLS_IMPLICIT };
+#define SEND_TLS_SESSION_MAX 4096
 
 struct send_stats {
 	_Atomic uint64_t sent; /* transactions started */
@@ -95,6 +107,8 @@ struct send_stats {
 	_Atomic uint64_t conns;       /* connections opened */
 	_Atomic uint64_t conn_errors; /* connects refused, bad greetings, timeouts, lost sessions */
 	_Atomic uint64_t bytes;       /* message octets queued */
+	_Atomic uint64_t tls_ok;      /* TLS handshakes done */
+	_Atomic uint64_t tls_resumed; /* of them, resumed sessions */
 };
 
 /* Single-writer increment: the owner thread adds, worker 0 may read. */
@@ -126,6 +140,7 @@ struct send_ctx {
 	bool win_copy_cmds; /* windowed: MAIL + RCPTs within SEND_WIN_CMDS_MAX, copied */
 	uint32_t nonce;
 	int ids_fd; /* --ids-file, O_APPEND; -1 without */
+	struct tls_ctx *tls; /* --tls: a client context without verification */
 	uint64_t timeout_ms;
 	uint64_t deadline_ms; /* clock_ms() after which no message is claimed (duration mode) */
 	uint64_t hard_stop_ms;
@@ -153,13 +168,16 @@ enum sess_state {
 	S_BODY,      /* DATA body sent, final reply awaited */
 	S_RSET,
 	S_QUIT,
+	S_STARTTLS,  /* STARTTLS sent, its 220 awaited */
+	S_HANDSHAKE, /* TLS handshake (after STARTTLS's 220, or implicit at connect) */
 };
 
 static const char *const sess_state_names[] = {
     [S_IDLE] = "idle",      [S_CONNECTING] = "connect", [S_GREETING] = "greeting",
     [S_EHLO] = "EHLO",      [S_HELO] = "HELO",          [S_READY] = "ready",
     [S_RATE_WAIT] = "rate", [S_TXN] = "transaction",    [S_BODY] = "end of data",
-    [S_RSET] = "RSET",      [S_QUIT] = "QUIT",
+    [S_RSET] = "RSET",      [S_QUIT] = "QUIT",          [S_STARTTLS] = "STARTTLS",
+    [S_HANDSHAKE] = "TLS handshake",
 };
 
 /*
@@ -191,6 +209,9 @@ struct sess {
 	bool finished;     /* counted out of the worker's live slots */
 	bool waiting;      /* on the rate wait list */
 	bool retry_armed;
+	bool tls_on; /* this connection's TLS handshake is done */
+	bool reconnect;     /* QUIT for --messages-per-connection: connect again after it */
+	uint64_t conn_msgs; /* messages claimed on this connection */
 	/* the transaction in flight */
 	bool in_txn;
 	bool mail_ok;
@@ -252,6 +273,9 @@ struct send_worker {
 	char date[64];
 	char hdr[SEND_HDR_MAX];
 	char wbuf[SEND_WIN_BUF]; /* windowed: [RSET] MAIL RCPTs BDAT header, copied by net_send */
+	/* --tls-reuse: the newest session of this worker's connections */
+	size_t tls_sess_len;
+	uint8_t tls_sess[SEND_TLS_SESSION_MAX];
 } cache_aligned;
 
 static void sess_next(struct sess *s);
@@ -423,11 +447,17 @@ static void sess_claim(struct sess *s)
 		sess_quit(s);
 		return;
 	}
+	if (ctx->o.per_conn && s->conn_msgs >= ctx->o.per_conn) {
+		s->reconnect = true;
+		sess_quit(s);
+		return;
+	}
 	n = atomic_fetch_add_explicit(&ctx->claimed, 1, memory_order_relaxed);
 	if (ctx->o.messages && n >= ctx->o.messages) {
 		sess_quit(s);
 		return;
 	}
+	s->conn_msgs++;
 	sess_start_txn(s, n);
 }
 
@@ -458,6 +488,8 @@ static bool sess_try_claim(struct sess *s, uint64_t *msg_no_r)
 		return false;
 	if (!ctx->o.messages && clock_ms() >= ctx->deadline_ms)
 		return false;
+	if (ctx->o.per_conn && s->conn_msgs >= ctx->o.per_conn)
+		return false;
 	if (w->share > 0) {
 		rate_refill(w);
 		if (w->wait_head || w->tokens < 1.0)
@@ -468,6 +500,7 @@ static bool sess_try_claim(struct sess *s, uint64_t *msg_no_r)
 		return false;
 	if (w->share > 0)
 		w->tokens -= 1.0;
+	s->conn_msgs++;
 	STAT_ADD(w, sent, 1);
 	*msg_no_r = n;
 	return true;
@@ -960,6 +993,59 @@ static void sess_greeted(struct sess *s)
 	sess_next(s);
 }
 
+/* STARTTLS's 220 came, or an implicit-TLS connection opened: the handshake (on_tls ends it). */
+static void sess_tls_start(struct sess *s)
+{
+	const struct send_ctx *ctx = s->w->ctx;
+	struct send_worker *w = s->w;
+	int rc;
+
+	s->state = S_HANDSHAKE;
+	rc = tls_conn_start(s->conn, ctx->tls, NULL, ctx->o.tls_reuse ? w->tls_sess : NULL,
+	                    ctx->o.tls_reuse ? w->tls_sess_len : 0);
+	if (rc < 0) {
+		sess_fail(s, rc, "cannot start TLS: %s", strerror(-rc));
+		return;
+	}
+	sess_arm(s);
+}
+
+static void sess_on_tls(struct net_conn *c, int err)
+{
+	struct sess *s = net_conn_data(c);
+	const struct send_ctx *ctx = s->w->ctx;
+	struct tls_info ti;
+
+	if (err < 0) {
+		/* the connection is closing: on_close(c, err) follows */
+		log_once(LOG_WARN, "send: first TLS handshake failure: %s", strerror(-err));
+		if (!s->fail_counted) {
+			s->fail_counted = true;
+			STAT_ADD(s->w, conn_errors, 1);
+		}
+		s->closing = true;
+		return;
+	}
+	s->tls_on = true;
+	STAT_ADD(s->w, tls_ok, 1);
+	if (tls_conn_info(c, &ti) == 0) {
+		if (ti.resumed)
+			STAT_ADD(s->w, tls_resumed, 1);
+		log_once(LOG_INFO, "send: TLS: %s %s", ti.version, ti.cipher);
+	}
+	smtp_reply_parser_reset(&s->parser);
+	if (ctx->o.tls == SEND_TLS_IMPLICIT) {
+		s->state = S_GREETING; /* the greeting comes over TLS */
+		sess_arm(s);
+		return;
+	}
+	/* STARTTLS: EHLO again (RFC 3207 4.2), the capabilities learnt anew */
+	s->state = S_EHLO;
+	memset(&s->caps, 0, sizeof(s->caps));
+	if (sess_send(s, ctx->ehlo, ctx->ehlo_len, true))
+		sess_arm(s);
+}
+
 static void sess_reply(struct sess *s, const struct smtp_reply_line *ln)
 {
 	const struct send_ctx *ctx = s->w->ctx;
@@ -982,7 +1068,18 @@ static void sess_reply(struct sess *s, const struct smtp_reply_line *ln)
 			sess_arm(s);
 		return;
 	case S_EHLO:
-		if (ln->code == 250) {
+		if (ln->code == 250 && ctx->o.tls == SEND_TLS_STARTTLS && !s->tls_on) {
+			static const char starttls[] = "STARTTLS\r\n";
+			if (!(s->caps.flags & SMTP_CAP_STARTTLS)) {
+				s->stop = true; /* retrying would not help */
+				sess_fail(s, -EPROTONOSUPPORT, "--tls starttls: the server does not "
+				                               "offer STARTTLS");
+				return;
+			}
+			s->state = S_STARTTLS;
+			if (sess_send(s, starttls, sizeof(starttls) - 1, true))
+				sess_arm(s);
+		} else if (ln->code == 250) {
 			sess_greeted(s);
 		} else if (ln->code / 100 == 5) {
 			s->state = S_HELO;
@@ -1027,6 +1124,14 @@ static void sess_reply(struct sess *s, const struct smtp_reply_line *ln)
 		s->closing = true;
 		net_conn_close(s->conn);
 		return;
+	case S_STARTTLS:
+		if (ln->code != 220) {
+			s->stop = true;
+			sess_fail(s, -EPROTO, "STARTTLS: %.*s", (int)MIN(ln->line_len, 200), ln->line);
+			return;
+		}
+		sess_tls_start(s);
+		return;
 	default:
 		sess_fail(s, -EPROTO, "unexpected reply: %.*s", (int)MIN(ln->line_len, 200),
 		          ln->line);
@@ -1053,6 +1158,13 @@ static void sess_on_open(struct net_conn *c, int err)
 	s->window = 1;
 	s->ring_head = s->inflight = 0;
 	s->win_done = false;
+	s->tls_on = false;
+	s->reconnect = false;
+	s->conn_msgs = 0;
+	if (s->w->ctx->o.tls == SEND_TLS_IMPLICIT) {
+		sess_tls_start(s);
+		return;
+	}
 	s->state = S_GREETING;
 	sess_arm(s);
 }
@@ -1085,6 +1197,8 @@ static void sess_on_data(struct net_conn *c, const struct iovec *iov, unsigned n
 				smtp_reply_caps_learn(&s->caps, &ln);
 			if (ln.last)
 				sess_reply(s, &ln);
+			if (s->state == S_HANDSHAKE)
+				return; /* octets after STARTTLS's 220 are not taken (CVE-2011-0411) */
 		}
 	}
 	if (s->win_done && s->conn == c && !s->closing && s->state == S_TXN)
@@ -1154,6 +1268,13 @@ static void sess_on_close(struct net_conn *c, int err)
 	struct sess *s = net_conn_data(c);
 	bool normal = s->state == S_QUIT;
 
+	if (s->tls_on && s->w->ctx->o.tls_reuse) {
+		/* TLS 1.3 tickets arrive after the handshake: ask at the end */
+		int n = tls_conn_session(c, s->w->tls_sess, sizeof(s->w->tls_sess));
+		if (n > 0)
+			s->w->tls_sess_len = (size_t)n;
+	}
+	s->tls_on = false;
 	s->conn = NULL;
 	s->closing = false;
 	wait_remove(s->w, s);
@@ -1171,6 +1292,12 @@ static void sess_on_close(struct net_conn *c, int err)
 	}
 	s->ring_head = 0;
 	s->window = 1;
+	if (normal && s->reconnect && !s->stop && !net_worker_stopping(s->w->nw) &&
+	    ctx_more_work(s->w->ctx)) {
+		s->fail_counted = false;
+		sess_connect(s); /* --messages-per-connection */
+		return;
+	}
 	if (normal || s->stop) { /* QUIT done, or shutting down */
 		s->fail_counted = false;
 		slot_finish(s);
@@ -1191,6 +1318,7 @@ static const struct net_proto send_proto = {
     .on_timeout = sess_on_timeout,
     .on_shutdown = sess_on_shutdown,
     .on_close = sess_on_close,
+    .on_tls = sess_on_tls,
 };
 
 static void sess_connect(struct sess *s)
@@ -1336,6 +1464,11 @@ static void send_usage(FILE *f)
 	    "  --to ADDR            recipient (default user@example.com; R > 1: user1@.. userR@)\n"
 	    "  --helo NAME          EHLO name (default posthaste-bench.example)\n"
 	    "  --timeout SECONDS    longest wait for one reply (default 60)\n"
+	    "  --tls MODE           starttls (STARTTLS after EHLO, then EHLO again) or implicit\n"
+	    "                       (TLS from the connect, RFC 8314); no certificate check\n"
+	    "  --tls-reuse          resume TLS sessions (per worker: the newest one)\n"
+	    "  --messages-per-connection K  QUIT after K messages and connect again\n"
+	    "                       (handshake-bound runs; default: no limit)\n"
 	    "  --json               one JSON line with the results on stdout\n"
 	    "  --ids-file FILE      append the queue id of every accepted message to FILE, one\n"
 	    "                       a line (the token after \"queued as \" in the final reply,\n"
@@ -1441,6 +1574,9 @@ enum {
 	OPT_TIMEOUT,
 	OPT_JSON,
 	OPT_IDS_FILE,
+	OPT_TLS,
+	OPT_TLS_REUSE,
+	OPT_PER_CONN,
 	OPT_HELP,
 };
 
@@ -1466,6 +1602,9 @@ static int send_parse_args(int argc, char **argv, struct send_opts *o)
 	    {"timeout", required_argument, NULL, OPT_TIMEOUT},
 	    {"json", no_argument, NULL, OPT_JSON},
 	    {"ids-file", required_argument, NULL, OPT_IDS_FILE},
+	    {"tls", required_argument, NULL, OPT_TLS},
+	    {"tls-reuse", no_argument, NULL, OPT_TLS_REUSE},
+	    {"messages-per-connection", required_argument, NULL, OPT_PER_CONN},
 	    {"help", no_argument, NULL, OPT_HELP},
 	    {NULL, 0, NULL, 0},
 	};
@@ -1576,6 +1715,27 @@ static int send_parse_args(int argc, char **argv, struct send_opts *o)
 			if (!*optarg)
 				return send_usage_error("--ids-file: expected a file name");
 			o->ids_file = optarg;
+			break;
+		case OPT_TLS:
+			if (!strcmp(optarg, "starttls"))
+				o->tls = SEND_TLS_STARTTLS;
+			else if (!strcmp(optarg, "implicit"))
+				o->tls = SEND_TLS_IMPLICIT;
+			else if (!strcmp(optarg, "none"))
+				o->tls = SEND_TLS_NONE;
+			else
+				return send_usage_error("--tls: expected starttls or implicit, got \"%s\"",
+				                        optarg);
+			break;
+		case OPT_TLS_REUSE:
+			o->tls_reuse = true;
+			break;
+		case OPT_PER_CONN:
+			if (!send_parse_u64(optarg, 1, UINT64_MAX / 2, &v))
+				return send_usage_error(
+				    "--messages-per-connection: expected a count >= 1, got \"%s\"",
+				    optarg);
+			o->per_conn = v;
 			break;
 		case OPT_HELP:
 			send_usage(stdout);
@@ -1762,6 +1922,8 @@ static void send_collect(struct send_ctx *ctx, struct send_result *r)
 		SUM(conns);
 		SUM(conn_errors);
 		SUM(bytes);
+		SUM(tls_ok);
+		SUM(tls_resumed);
 #undef SUM
 		histogram_merge(r->hist, ctx->workers[i].hist);
 	}
@@ -1790,11 +1952,13 @@ static void send_report(const struct send_ctx *ctx, const struct send_result *r)
 		       ",\"rejected_perm\":%" PRIu64 ",\"recipients_accepted\":%" PRIu64
 		       ",\"recipients_rejected\":%" PRIu64 ",\"connections\":%" PRIu64
 		       ",\"connect_errors\":%" PRIu64 ",\"bytes\":%" PRIu64
+		       ",\"tls_handshakes\":%" PRIu64 ",\"tls_resumed\":%" PRIu64
 		       ",\"elapsed_s\":%.3f,\"msgs_per_s\":%.1f,\"latency_ms\":{\"p50\":%.3f,"
 		       "\"p90\":%.3f,\"p99\":%.3f,\"p999\":%.3f,\"max\":%.3f}}\n",
 		       STAT_GET(st, sent), acc, STAT_GET(st, rej_temp), STAT_GET(st, rej_perm),
 		       STAT_GET(st, rcpt_ok), STAT_GET(st, rcpt_rej), STAT_GET(st, conns),
-		       STAT_GET(st, conn_errors), STAT_GET(st, bytes), r->elapsed_s, rate,
+		       STAT_GET(st, conn_errors), STAT_GET(st, bytes), STAT_GET(st, tls_ok),
+		       STAT_GET(st, tls_resumed), r->elapsed_s, rate,
 		       ms_of(histogram_percentile(h, 50)), ms_of(histogram_percentile(h, 90)),
 		       ms_of(histogram_percentile(h, 99)), ms_of(histogram_percentile(h, 99.9)),
 		       ms_of(histogram_max(h)));
@@ -1812,6 +1976,9 @@ static void send_report(const struct send_ctx *ctx, const struct send_result *r)
 	       STAT_GET(st, rcpt_rej));
 	printf("connections  opened %" PRIu64 "  failed %" PRIu64 "\n", STAT_GET(st, conns),
 	       STAT_GET(st, conn_errors));
+	if (o->tls)
+		printf("tls          handshakes %" PRIu64 "  resumed %" PRIu64 "\n",
+		       STAT_GET(st, tls_ok), STAT_GET(st, tls_resumed));
 	printf("elapsed      %.3f s  %.1f msgs/s  %.2f MB/s\n", r->elapsed_s, rate, mbs);
 	printf("latency ms   p50 %.3f  p90 %.3f  p99 %.3f  p99.9 %.3f  max %.3f\n",
 	       ms_of(histogram_percentile(h, 50)), ms_of(histogram_percentile(h, 90)),
@@ -1835,6 +2002,7 @@ static void send_ctx_free(struct send_ctx *ctx)
 		free(ctx->workers);
 	}
 	net_engine_free(&ctx->engine);
+	tls_ctx_free(&ctx->tls);
 	if (ctx->ids_fd >= 0)
 		close(ctx->ids_fd);
 	free(ctx->cmds);
@@ -1887,6 +2055,14 @@ int send_main(int argc, char **argv)
 	if (send_build(ctx) < 0) {
 		fprintf(stderr, "posthaste-bench send: out of memory\n");
 		goto out;
+	}
+	if (ctx->o.tls) {
+		char terr[256];
+		ctx->tls = tls_ctx_new_client(TLS_VERIFY_NONE, NULL, NULL, terr, sizeof(terr));
+		if (!ctx->tls) {
+			fprintf(stderr, "posthaste-bench send: --tls: %s\n", terr);
+			goto out;
+		}
 	}
 
 	/* Generous outer bound so the run always ends by itself. */

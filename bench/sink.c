@@ -19,6 +19,7 @@
 #include "core/log.h"
 #include "mta/smtp/smtp_server.h"
 #include "net/net.h"
+#include "tls/tls.h"
 
 #define MAX_RULES 16
 
@@ -218,6 +219,8 @@ static void sink_usage(FILE *f)
 	      "  --timeout SECONDS        command/data timeout (default 300/180)\n"
 	      "  --hostname NAME          name in the greeting (default: the host's name)\n"
 	      "  --max-connections N      connections per worker (default 16384); more get 421\n"
+	      "  --tls CERT KEY           offer STARTTLS with this certificate and key (PEM files;\n"
+	      "                           KEY may be the CERT file)\n"
 	      "  --quiet                  log errors only\n"
 	      "On SIGTERM or SIGINT it stops and prints one JSON line of counts.\n",
 	      f);
@@ -249,8 +252,10 @@ int sink_main(int argc, char **argv)
 		{"max-connections", required_argument, NULL, 'c'},
 		{"quiet", no_argument, NULL, 'q'},
 		{"help", no_argument, NULL, 'h'},
+		{"tls", required_argument, NULL, 'T'},
 		{NULL, 0, NULL, 0},
 	};
+	const char *tls_cert = NULL, *tls_key = NULL;
 	struct sink_ctx ctx;
 	memset(&ctx, 0, sizeof(ctx));
 	struct smtp_server_config scfg;
@@ -359,6 +364,15 @@ int sink_main(int argc, char **argv)
 		case 'q':
 			log_set_level(LOG_ERR);
 			break;
+		case 'T':
+			/* --tls CERT KEY: the key is the next word */
+			if (optind >= argc || argv[optind][0] == '-') {
+				fprintf(stderr, "sink: --tls takes CERT KEY\n");
+				return 2;
+			}
+			tls_cert = optarg;
+			tls_key = argv[optind++];
+			break;
 		case 'h':
 			sink_usage(stdout);
 			return 0;
@@ -371,6 +385,17 @@ int sink_main(int argc, char **argv)
 		fprintf(stderr, "sink: %s\n", nlistens ? "unexpected argument" : "--listen is required");
 		sink_usage(stderr);
 		return 2;
+	}
+
+	struct tls_ctx *tls = NULL;
+	if (tls_cert) {
+		char terr[256];
+		tls = tls_ctx_new_server(tls_cert, tls_key, NULL, terr, sizeof(terr));
+		if (!tls) {
+			fprintf(stderr, "sink: --tls: %s\n", terr);
+			return 1;
+		}
+		scfg.tls = tls;
 	}
 
 	struct net_worker_hooks hooks = {.init = worker_init, .arg = &ctx};
@@ -420,6 +445,7 @@ int sink_main(int argc, char **argv)
 	fflush(stdout);
 	smtp_server_free(&ctx.srv);
 	net_engine_free(&e);
+	tls_ctx_free(&tls);
 	free(ctx.workers);
 	return r < 0 ? 1 : 0;
 }

@@ -95,6 +95,14 @@ struct net_config {
 	int listen_backlog;       /* default 4096 */
 	unsigned connect_timeout_ms; /* net_connect gives up after this (on_open -ETIMEDOUT); 0 = the kernel's */
 	unsigned handshake_timeout_ms; /* filtered listeners (implicit TLS): a handshake not done by then is dropped; default 30000 */
+	/*
+	 * Optional: SIGHUP handling (e.g. reload TLS certificates). When set,
+	 * net_engine_run blocks SIGHUP in every thread too and calls
+	 * on_hup(hup_arg) on its own (the main) thread for each one; the workers
+	 * go on meanwhile. NULL leaves SIGHUP alone.
+	 */
+	void (*on_hup)(void *arg);
+	void *hup_arg;
 };
 
 /* Fills *cfg with the defaults above. */
@@ -136,6 +144,7 @@ unsigned net_engine_workers(const struct net_engine *e);
 /*
  * Starts the workers and blocks until the engine stops: on SIGTERM or SIGINT
  * (which it blocks in every thread and waits for), or on net_engine_stop.
+ * With net_config.on_hup, SIGHUP is waited for too and calls it.
  * At stop the workers stop accepting, ask every connection to finish
  * (on_shutdown), flush queued output, and wait up to shutdown_grace_ms.
  * Returns 0, or -errno if a worker failed to start.

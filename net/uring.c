@@ -1937,6 +1937,8 @@ int net_engine_run(struct net_engine *e)
 	sigemptyset(&set);
 	sigaddset(&set, SIGTERM);
 	sigaddset(&set, SIGINT);
+	if (e->cfg.on_hup)
+		sigaddset(&set, SIGHUP);
 	pthread_sigmask(SIG_BLOCK, &set, &old);
 	signal(SIGPIPE, SIG_IGN);
 
@@ -1969,6 +1971,8 @@ int net_engine_run(struct net_engine *e)
 				log_info("net: signal %d: shutting down", sig);
 			asked = true;
 			net_engine_stop(e);
+		} else if (sig == SIGHUP && e->cfg.on_hup && !asked) {
+			e->cfg.on_hup(e->cfg.hup_arg);
 		}
 	}
 	for (unsigned i = 0; i < started; i++)

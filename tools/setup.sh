@@ -14,7 +14,7 @@ pkgs=(
   # sanitizer and fuzzer runtimes for clang
   libclang-rt-14-dev
   # tests: real clients and peers
-  python3 python3-pytest swaks curl dnsmasq-base iproute2 util-linux procps
+  python3 python3-pytest swaks libnet-ssleay-perl libio-socket-ssl-perl curl dnsmasq-base iproute2 util-linux procps
   postfix
 )
 

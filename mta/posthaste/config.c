@@ -15,6 +15,7 @@
 
 enum ph_key_type {
 	PH_K_LISTEN,
+	PH_K_LISTEN1,  /* struct ph_listen: one listener, host "" = none */
 	PH_K_PATH,     /* char[size]; min: 1 when it may not be empty */
 	PH_K_HOSTNAME, /* char[size] */
 	PH_K_DURABILITY,
@@ -24,6 +25,8 @@ enum ph_key_type {
 	PH_K_DURATION, /* uint64_t milliseconds in [min, max] */
 	PH_K_BOOL,
 	PH_K_RATE,     /* struct ph_rate; its period (per_ms) in [min, max] */
+	PH_K_TLS,      /* unsigned enum ph_tls: none, may, require */
+	PH_K_TLS_VERIFY, /* unsigned enum ph_tls_verify: none, name */
 	PH_K_RESOLVER, /* char[size]: IP:PORT list, normalised */
 	PH_K_HOSTS,    /* char[size]: host list (ph_hosts_parse), normalised */
 	PH_K_DOMAINS,  /* char[size]: domain list, normalised */
@@ -65,6 +68,11 @@ static const struct ph_key ph_keys[] = {
     {"smtp_auth", PH_K_BOOL, FIELD(smtp_auth), 0, 0, NULL},
     {"smtp_auth_required", PH_K_BOOL, FIELD(smtp_auth_required), 0, 0, NULL},
     {"smtp_auth_without_tls", PH_K_BOOL, FIELD(smtp_auth_without_tls), 0, 0, NULL},
+    /* TLS */
+    {"tls_cert", PH_K_PATH, FIELD(tls_cert), 0, 0, "none: no STARTTLS"},
+    {"tls_key", PH_K_PATH, FIELD(tls_key), 0, 0, "none"},
+    {"submission_listen", PH_K_LISTEN1, FIELD(submission_listen), 0, 0, "none"},
+    {"submissions_listen", PH_K_LISTEN1, FIELD(submissions_listen), 0, 0, "none"},
     /* delivery */
     {"resolver", PH_K_RESOLVER, FIELD(resolver), 0, 0, "the system's resolv.conf"},
     {"smarthost", PH_K_HOSTS, FIELD(smarthost), 0, 0, "none: deliver by MX"},
@@ -85,21 +93,19 @@ static const struct ph_key ph_keys[] = {
     {"delivery_connection_rate", PH_K_RATE, FIELD(limits.conn_rate), 1, 365 * DAY_MS, NULL},
     {"delivery_messages_per_connection", PH_K_UINT, FIELD(limits.msgs_per_conn), 1, 1000000, NULL},
     {"delivery_idle_timeout", PH_K_DURATION, FIELD(limits.idle_timeout_ms), 1, DAY_MS, NULL},
+    {"delivery_tls", PH_K_TLS, FIELD(limits.tls), 0, 0, NULL},
+    {"delivery_tls_verify", PH_K_TLS_VERIFY, FIELD(limits.tls_verify), 0, 0, NULL},
     {"destination", PH_K_DESTS, FIELD(dests), 0, 0, NULL},
-};
-
-/* Keys of features still to come: named, so that a file written for them fails clearly. */
-static const char *const ph_reserved[] = {
-    "tls_cert",
-    "tls_key",
 };
 
 /* A destination's limits, in print order: each is the key "delivery_" + name. */
 static const char *const ph_limit_names[] = {
     "concurrency", "rate", "connection_rate", "messages_per_connection", "idle_timeout",
+    "tls", "verify", /* verify: the key delivery_tls_verify */
 };
 
-#define PH_LIMIT_NAMES "concurrency, rate, connection_rate, messages_per_connection or idle_timeout"
+#define PH_LIMIT_NAMES                                                                             \
+	"concurrency, rate, connection_rate, messages_per_connection, idle_timeout, tls or verify"
 #define PH_DOMAIN_HINT "(letters, digits, '-' and '.')"
 #define PH_RATE_HINT                                                                               \
 	"(expected COUNT/UNIT such as 100/s or 5000/h, COUNT/DURATION such as 10/5s, or "          \
@@ -108,6 +114,8 @@ static const char *const ph_limit_names[] = {
 
 static const char *const ph_durability_names[] = {"fsync", "batch", "none"};
 static const char *const ph_log_level_names[] = {"error", "warning", "info", "debug"};
+static const char *const ph_tls_names[] = {"none", "may", "require"};        /* enum ph_tls */
+static const char *const ph_tls_verify_names[] = {"none", "name"};          /* enum ph_tls_verify */
 
 #define CONTROL_SOCKET_NAME "/control.sock"
 
@@ -143,6 +151,8 @@ void ph_config_default(struct ph_config *c)
 	c->limits.conn_rate.per_ms = 0;
 	c->limits.msgs_per_conn = 100;
 	c->limits.idle_timeout_ms = 5 * 1000;
+	c->limits.tls = PH_TLS_MAY;
+	c->limits.tls_verify = PH_TLS_VERIFY_NONE;
 	c->retry_min_ms = 5 * 60 * 1000;
 	c->retry_max_ms = 3600 * 1000;
 	c->connect_timeout_ms = 30 * 1000;
@@ -162,7 +172,8 @@ static const struct ph_key *ph_limit_key(size_t i)
 {
 	char name[64];
 
-	snprintf(name, sizeof(name), "delivery_%s", ph_limit_names[i]);
+	snprintf(name, sizeof(name), "delivery_%s%s",
+	         strcmp(ph_limit_names[i], "verify") == 0 ? "tls_" : "", ph_limit_names[i]);
 	return ph_key_find(name);
 }
 
@@ -907,6 +918,30 @@ static int ph_set_listen(struct ph_config *c, const char *v, char *err, size_t e
 	return 0;
 }
 
+/* One listener of a role (submission_listen): "" or "none" clears it. */
+static int ph_set_listen1(const struct ph_key *k, struct ph_listen *out, const char *v, char *err,
+                          size_t errlen)
+{
+	struct ph_listen l;
+	char why[256];
+
+	memset(&l, 0, sizeof(l));
+	if (!v[0] || strcasecmp(v, "none") == 0) {
+		*out = l;
+		return 0;
+	}
+	if (config_hostport(v, l.host, sizeof(l.host), &l.port, why, sizeof(why)) < 0) {
+		config_err(err, errlen, "%s: %s", k->name, why);
+		return -1;
+	}
+	if (!ph_listen_host_ok(l.host)) {
+		config_err(err, errlen, "%s: '%s' is not an IPv4 or IPv6 address", k->name, l.host);
+		return -1;
+	}
+	*out = l;
+	return 0;
+}
+
 /*
  * A value of a scalar type (number, size, duration, boolean, rate) into field;
  * errors name the key as name.
@@ -956,6 +991,20 @@ static int ph_set_value(const struct ph_key *k, const char *name, const char *v,
 		memcpy((char *)field + offsetof(struct ph_rate, per_ms), &r.per_ms,
 		       sizeof(r.per_ms));
 		return 0;
+	case PH_K_TLS:
+	case PH_K_TLS_VERIFY: {
+		bool t = k->type == PH_K_TLS;
+		int i = t ? ph_name_index(ph_tls_names, ARRAY_SIZE(ph_tls_names), v)
+		          : ph_name_index(ph_tls_verify_names, ARRAY_SIZE(ph_tls_verify_names), v);
+		if (i < 0) {
+			config_err(err, errlen, "%s: '%.64s' is not %s", name, v,
+			           t ? "none, may or require" : "none or name");
+			return -1;
+		}
+		u = (unsigned)i;
+		memcpy(field, &u, sizeof(u));
+		return 0;
+	}
 	default:
 		break;
 	}
@@ -994,6 +1043,15 @@ static void ph_format_value(const struct ph_key *k, const void *field, char *buf
 	case PH_K_RATE:
 		memcpy(&r, field, sizeof(r));
 		ph_rate_format(&r, buf, len);
+		return;
+	case PH_K_TLS:
+		memcpy(&u, field, sizeof(u));
+		snprintf(buf, len, "%s", u < ARRAY_SIZE(ph_tls_names) ? ph_tls_names[u] : "?");
+		return;
+	case PH_K_TLS_VERIFY:
+		memcpy(&u, field, sizeof(u));
+		snprintf(buf, len, "%s",
+		         u < ARRAY_SIZE(ph_tls_verify_names) ? ph_tls_verify_names[u] : "?");
 		return;
 	default:
 		break;
@@ -1140,6 +1198,8 @@ static int ph_set(struct ph_config *c, const struct ph_key *k, const char *v, ch
 	switch (k->type) {
 	case PH_K_LISTEN:
 		return ph_set_listen(c, v, err, errlen);
+	case PH_K_LISTEN1:
+		return ph_set_listen1(k, (struct ph_listen *)field, v, err, errlen);
 	case PH_K_PATH:
 	case PH_K_HOSTNAME:
 		if ((k->type == PH_K_PATH ? ph_path_check : ph_hostname_check)(k, v, err, errlen) <
@@ -1182,6 +1242,8 @@ static int ph_set(struct ph_config *c, const struct ph_key *k, const char *v, ch
 	case PH_K_DURATION:
 	case PH_K_BOOL:
 	case PH_K_RATE:
+	case PH_K_TLS:
+	case PH_K_TLS_VERIFY:
 		if (ph_is_limit_key(k) && c->ndests > 0) {
 			config_err(
 			    err, errlen,
@@ -1215,14 +1277,6 @@ int ph_config_set(struct ph_config *c, const char *key, const char *value, char 
 		}
 		if (strcasecmp(key, k->name) == 0)
 			return ph_set(c, k, value, err, errlen);
-	}
-	for (size_t i = 0; i < ARRAY_SIZE(ph_reserved); i++) {
-		if (strcasecmp(key, ph_reserved[i]) == 0) {
-			config_err(err, errlen,
-			       "'%s' is not supported yet (reserved for a later version)",
-			       ph_reserved[i]);
-			return -1;
-		}
 	}
 	config_err(err, errlen, "unknown key '%.64s'", key);
 	return -1;
@@ -1303,6 +1357,15 @@ static int ph_check_value(const struct ph_key *k, const char *name, const void *
 	case PH_K_RATE:
 		memcpy(&r, field, sizeof(r));
 		return ph_rate_check(k, name, &r, err, errlen);
+	case PH_K_TLS:
+	case PH_K_TLS_VERIFY:
+		memcpy(&u, field, sizeof(u));
+		if (u >= (k->type == PH_K_TLS ? ARRAY_SIZE(ph_tls_names)
+		                              : ARRAY_SIZE(ph_tls_verify_names))) {
+			config_err(err, errlen, "%s: invalid value %u", name, u);
+			return -1;
+		}
+		return 0;
 	default:
 		return 0;
 	}
@@ -1416,6 +1479,7 @@ static int ph_check_key(const struct ph_config *c, const struct ph_key *k, char 
 
 	switch (k->type) {
 	case PH_K_LISTEN:
+	case PH_K_LISTEN1:
 		return 0; /* ph_check_listen */
 	case PH_K_PATH:
 		return ph_path_check(k, field, err, errlen);
@@ -1438,6 +1502,8 @@ static int ph_check_key(const struct ph_config *c, const struct ph_key *k, char 
 	case PH_K_DURATION:
 	case PH_K_BOOL:
 	case PH_K_RATE:
+	case PH_K_TLS:
+	case PH_K_TLS_VERIFY:
 		return ph_check_value(k, k->name, field, err, errlen);
 	case PH_K_RESOLVER:
 	case PH_K_HOSTS:
@@ -1461,7 +1527,10 @@ static void ph_listen_format(const struct ph_listen *l, char *buf, size_t len)
 
 static int ph_check_listen(const struct ph_config *c, char *err, size_t errlen)
 {
-	unsigned char addr[PH_LISTEN_MAX][17];
+	unsigned char addr[PH_LISTEN_MAX + 2][17];
+	const struct ph_listen *all[PH_LISTEN_MAX + 2];
+	const char *names[PH_LISTEN_MAX + 2];
+	unsigned n = 0;
 	char a[96];
 
 	if (c->nlisten == 0) {
@@ -1473,11 +1542,23 @@ static int ph_check_listen(const struct ph_config *c, char *err, size_t errlen)
 		return -1;
 	}
 	for (unsigned i = 0; i < c->nlisten; i++) {
-		const struct ph_listen *l = &c->listen[i];
+		all[n] = &c->listen[i];
+		names[n++] = "listen";
+	}
+	if (c->submission_listen.host[0]) {
+		all[n] = &c->submission_listen;
+		names[n++] = "submission_listen";
+	}
+	if (c->submissions_listen.host[0]) {
+		all[n] = &c->submissions_listen;
+		names[n++] = "submissions_listen";
+	}
+	for (unsigned i = 0; i < n; i++) {
+		const struct ph_listen *l = all[i];
 
 		memset(addr[i], 0, sizeof(addr[i]));
 		if (strnlen(l->host, sizeof(l->host)) == sizeof(l->host)) {
-			config_err(err, errlen, "listen: host %u is not NUL-terminated", i + 1);
+			config_err(err, errlen, "%s: host %u is not NUL-terminated", names[i], i + 1);
 			return -1;
 		}
 		if (inet_pton(AF_INET, l->host, addr[i]) == 1) {
@@ -1485,13 +1566,14 @@ static int ph_check_listen(const struct ph_config *c, char *err, size_t errlen)
 		} else if (inet_pton(AF_INET6, l->host, addr[i]) == 1) {
 			addr[i][16] = 6;
 		} else {
-			config_err(err, errlen, "listen: '%s' is not an IPv4 or IPv6 address", l->host);
+			config_err(err, errlen, "%s: '%s' is not an IPv4 or IPv6 address", names[i],
+			           l->host);
 			return -1;
 		}
 		for (unsigned j = 0; j < i && l->port != 0; j++) {
-			if (c->listen[j].port == l->port && memcmp(addr[i], addr[j], 17) == 0) {
+			if (all[j]->port == l->port && memcmp(addr[i], addr[j], 17) == 0) {
 				ph_listen_format(l, a, sizeof(a));
-				config_err(err, errlen, "listen: %s is given twice", a);
+				config_err(err, errlen, "%s: %s is given twice", names[i], a);
 				return -1;
 			}
 		}
@@ -1516,6 +1598,25 @@ int ph_config_check(const struct ph_config *c, char *err, size_t errlen)
 		config_err(err, errlen, "%s: needs smtp_auth = yes",
 		           c->smtp_auth_required ? "smtp_auth_required" : "smtp_auth_without_tls");
 		return -1;
+	}
+	if (!c->tls_cert[0] != !c->tls_key[0]) {
+		config_err(err, errlen, "%s: needs %s too", c->tls_cert[0] ? "tls_cert" : "tls_key",
+		           c->tls_cert[0] ? "tls_key" : "tls_cert");
+		return -1;
+	}
+	for (int i = 0; i < 2; i++) {
+		const char *name = i ? "submissions_listen" : "submission_listen";
+
+		if (!(i ? c->submissions_listen : c->submission_listen).host[0])
+			continue;
+		if (!c->tls_cert[0]) {
+			config_err(err, errlen, "%s: needs tls_cert and tls_key", name);
+			return -1;
+		}
+		if (!c->users_file[0]) {
+			config_err(err, errlen, "%s: needs users_file (the logins)", name);
+			return -1;
+		}
 	}
 	/* sockaddr_un holds 107 octets of path: the default one must fit too */
 	dir_len = strlen(c->spool_dir);
@@ -1647,6 +1748,17 @@ void ph_config_print(const struct ph_config *c, FILE *f)
 				fprintf(f, "listen = %s\n", buf);
 			}
 			continue;
+		case PH_K_LISTEN1: {
+			const struct ph_listen *l = (const struct ph_listen *)field;
+
+			if (l->host[0]) {
+				ph_listen_format(l, buf, sizeof(buf));
+				fprintf(f, "%s = %s\n", k->name, buf);
+			} else {
+				fprintf(f, "%s = none\n", k->name);
+			}
+			continue;
+		}
 		case PH_K_ROUTES:
 			for (unsigned j = 0; j < c->nroutes && j < PH_ROUTE_MAX; j++) {
 				const struct ph_route *r = &c->routes[j];
@@ -1672,6 +1784,7 @@ void ph_config_print(const struct ph_config *c, FILE *f)
 		fprintf(f, "%s = ", k->name);
 		switch (k->type) {
 		case PH_K_LISTEN:
+		case PH_K_LISTEN1:
 		case PH_K_ROUTES:
 		case PH_K_DESTS:
 			break;
@@ -1701,6 +1814,8 @@ void ph_config_print(const struct ph_config *c, FILE *f)
 		case PH_K_DURATION:
 		case PH_K_BOOL:
 		case PH_K_RATE:
+		case PH_K_TLS:
+		case PH_K_TLS_VERIFY:
 			ph_format_value(k, field, buf, sizeof(buf), &zero);
 			fputs(buf, f);
 			break;

@@ -48,6 +48,21 @@ struct ph_limits {
 	struct ph_rate conn_rate; /* new connections; default unlimited */
 	unsigned msgs_per_conn;   /* messages per connection before QUIT; default 100; 1..1000000 */
 	uint64_t idle_timeout_ms; /* an idle connection is closed after; default 5 s; 1ms..1d */
+	unsigned tls;             /* enum ph_tls: STARTTLS policy; default may */
+	unsigned tls_verify;      /* enum ph_tls_verify: certificate check; default none */
+};
+
+/* Outbound STARTTLS policy of a destination (delivery_tls, destination.D = tls=...). */
+enum ph_tls {
+	PH_TLS_NONE = 0, /* never STARTTLS */
+	PH_TLS_MAY,      /* when offered; a failed handshake: once more in plaintext */
+	PH_TLS_REQUIRE,  /* not offered or failed: the message is deferred (4.7.5) */
+};
+
+/* How the server's certificate is checked (delivery_tls_verify, verify=...). */
+enum ph_tls_verify {
+	PH_TLS_VERIFY_NONE = 0, /* opportunistic: any certificate */
+	PH_TLS_VERIFY_NAME,     /* chain to the system CAs and the MX host name */
 };
 
 /*
@@ -110,6 +125,13 @@ struct ph_config {
 	bool smtp_auth;             /* offer AUTH PLAIN LOGIN (needs users_file) */
 	bool smtp_auth_required;    /* MAIL before AUTH gets 530 5.7.0 (needs smtp_auth) */
 	bool smtp_auth_without_tls; /* offer AUTH without TLS: passwords in clear (tests only) */
+	/* TLS (docs/tls.md); "" = none */
+	char tls_cert[4096]; /* PEM: the certificate then its chain; with it STARTTLS is offered */
+	char tls_key[4096];  /* PEM: the private key (may be the tls_cert file) */
+	/* submission (RFC 6409: STARTTLS, AUTH required) and submissions (RFC 8314: implicit
+	   TLS, AUTH required) listeners; host "" = none (default) */
+	struct ph_listen submission_listen;
+	struct ph_listen submissions_listen;
 
 	/* ---- delivery (docs/configuration.md, "Delivery") ---- */
 	/* "" = the system's resolv.conf; else "IP:PORT[,IP:PORT...]" normalised: no blanks */
@@ -166,8 +188,8 @@ int ph_config_load_buffer(struct ph_config *c, const char *name, const char *buf
  * A destination copies the default limits (delivery_*) in force when it is
  * set and overrides the ones its value names; so a delivery_* key after a
  * destination.* key is refused ("KEY: must come before ...").
- * Errors: "unknown key 'x'", "'tls_cert' is not supported yet ...", or
- * "KEY: reason" for a bad value (then *c is unchanged).
+ * Errors: "unknown key 'x'", or "KEY: reason" for a bad value (then *c is
+ * unchanged).
  */
 int ph_config_set(struct ph_config *c, const char *key, const char *value, char *err,
                   size_t errlen);

@@ -36,6 +36,7 @@
 #include "mta/smtp/smtp_server.h"
 #include "net/net.h"
 #include "queue/spool.h"
+#include "tls/tls.h"
 
 /* Per worker: the glue between the SMTP server's message sink and the spool. */
 struct ph_worker {
@@ -60,6 +61,7 @@ struct ph_ctx {
 	unsigned nnets;
 	struct ph_worker *workers;
 	struct ph_control *control; /* the control socket */
+	struct tls_ctx *tls;        /* the server's certificate (tls_cert), or NULL */
 };
 
 /* One SMTP transaction on its way into the spool. */
@@ -83,7 +85,9 @@ struct ph_txn {
  *   Received: from HELO ([ADDR])
  *           by HOST (Posthaste) with ESMTP id QUEUEID
  *           for <RCPT>; DATE
- * "for" only with a single recipient (more would disclose the others).
+ * "for" only with a single recipient (more would disclose the others). Over
+ * TLS the protocol is ESMTPS (ESMTPSA after AUTH, RFC 3848) followed by
+ * "(version=TLSv1.3 cipher=... bits=128)".
  */
 static size_t received_header(char *buf, size_t size, const struct smtp_envelope *env,
 			      const char *peer, const char *hostname, uint64_t id)
@@ -94,7 +98,16 @@ static size_t received_header(char *buf, size_t size, const struct smtp_envelope
 	struct tm tm;
 	localtime_r(&now, &tm);
 	strftime(date, sizeof(date), "%a, %d %b %Y %H:%M:%S %z", &tm);
-	const char *proto = env->smtputf8 ? "UTF8SMTP" : env->esmtp ? "ESMTP" : "SMTP";
+	/* RFC 3848 / RFC 6531: ESMTP[S][A], UTF8SMTP[S][A] */
+	char proto[16], tls[160] = "";
+	snprintf(proto, sizeof(proto), "%s%s%s",
+		 env->smtputf8			 ? "UTF8SMTP"
+		 : env->esmtp || env->tls_version ? "ESMTP"
+						  : "SMTP",
+		 env->tls_version ? "S" : "", env->auth_user ? "A" : "");
+	if (env->tls_version)
+		snprintf(tls, sizeof(tls), " (version=%s cipher=%s bits=%d)", env->tls_version,
+			 env->tls_cipher ? env->tls_cipher : "unknown", env->tls_bits);
 	/* the HELO name is the client's text: no control characters reach the header */
 	char helo[201];
 	size_t hl = 0;
@@ -104,15 +117,15 @@ static size_t received_header(char *buf, size_t size, const struct smtp_envelope
 	int n;
 	if (env->nrcpts == 1)
 		n = snprintf(buf, size,
-			     "Received: from %s ([%s])\r\n\tby %s (Posthaste) with %s id %s\r\n"
+			     "Received: from %s ([%s])\r\n\tby %s (Posthaste) with %s%s id %s\r\n"
 			     "\tfor <%.300s>; %s\r\n",
-			     hl ? helo : "unknown", peer, hostname, proto, qid, env->rcpts[0].addr,
-			     date);
+			     hl ? helo : "unknown", peer, hostname, proto, tls, qid,
+			     env->rcpts[0].addr, date);
 	else
 		n = snprintf(buf, size,
-			     "Received: from %s ([%s])\r\n\tby %s (Posthaste) with %s id %s;\r\n"
+			     "Received: from %s ([%s])\r\n\tby %s (Posthaste) with %s%s id %s;\r\n"
 			     "\t%s\r\n",
-			     hl ? helo : "unknown", peer, hostname, proto, qid, date);
+			     hl ? helo : "unknown", peer, hostname, proto, tls, qid, date);
 	return n < 0 ? 0 : MIN((size_t)n, size - 1);
 }
 
@@ -364,6 +377,22 @@ static void worker_fini(struct net_worker *w, void *arg)
 	spool_worker_fini(pw->sw);
 }
 
+/* SIGHUP (on the engine's main thread): the certificate and key are read again. */
+static void on_hup(void *arg)
+{
+	struct ph_ctx *c = arg;
+	char err[512];
+	if (!c->tls) {
+		log_info("posthaste: SIGHUP: nothing to reload");
+		return;
+	}
+	if (tls_ctx_reload(c->tls, err, sizeof(err)) < 0)
+		log_warn("posthaste: SIGHUP: TLS certificate not reloaded, keeping the old one: %s",
+			 err);
+	else
+		log_info("posthaste: SIGHUP: TLS certificate reloaded from %s", c->cfg.tls_cert);
+}
+
 static void usage(FILE *f)
 {
 	fputs("usage: posthaste [--config FILE] [--listen HOST:PORT]... [--spool DIR]\n"
@@ -517,6 +546,8 @@ int main(int argc, char **argv)
 	net_config_default(&ncfg);
 	ncfg.workers = ctx.cfg.workers;
 	ncfg.connect_timeout_ms = (unsigned)MIN(ctx.cfg.connect_timeout_ms, (uint64_t)UINT32_MAX);
+	ncfg.on_hup = on_hup;
+	ncfg.hup_arg = &ctx;
 	struct net_worker_hooks hooks = {
 		.init = worker_init,
 		.turn_end = worker_turn_end,
@@ -558,6 +589,15 @@ int main(int argc, char **argv)
 	sc.auth = ctx.cfg.smtp_auth;
 	sc.auth_required = ctx.cfg.smtp_auth_required;
 	sc.auth_without_tls = ctx.cfg.smtp_auth_without_tls;
+	if (ctx.cfg.tls_cert[0]) {
+		ctx.tls = tls_ctx_new_server(ctx.cfg.tls_cert, ctx.cfg.tls_key, NULL, err,
+					     sizeof(err));
+		if (!ctx.tls) {
+			fprintf(stderr, "posthaste: tls_cert: %s\n", err);
+			return 1;
+		}
+		sc.tls = ctx.tls;
+	}
 	ctx.srv = smtp_server_new(&sc, e);
 	ctx.workers = aligned_alloc(CACHELINE, sizeof(*ctx.workers) * nw);
 	if (!ctx.srv || !ctx.workers) {
@@ -596,6 +636,7 @@ int main(int argc, char **argv)
 	sigemptyset(&stop_sigs);
 	sigaddset(&stop_sigs, SIGTERM);
 	sigaddset(&stop_sigs, SIGINT);
+	sigaddset(&stop_sigs, SIGHUP); /* on_hup */
 	pthread_sigmask(SIG_BLOCK, &stop_sigs, NULL);
 	char ctl_path[sizeof(ctx.cfg.control_socket)];
 	if (ph_control_path(&ctx.cfg, NULL, ctl_path, sizeof(ctl_path)) < 0) {
@@ -621,8 +662,31 @@ int main(int argc, char **argv)
 			ph_control_close(&ctx.control);
 			return 1;
 		}
-		log_info("posthaste: listening on %s:%u", ctx.cfg.listen[i].host,
-			 ctx.cfg.listen[i].port);
+		log_info("posthaste: listening on %s:%u%s", ctx.cfg.listen[i].host,
+			 ctx.cfg.listen[i].port, ctx.tls ? " (STARTTLS)" : "");
+	}
+	static const struct {
+		size_t off;
+		enum smtp_role role;
+		const char *what;
+	} roles[] = {
+		{offsetof(struct ph_config, submission_listen), SMTP_ROLE_SUBMISSION,
+		 "submission (STARTTLS, AUTH required)"},
+		{offsetof(struct ph_config, submissions_listen), SMTP_ROLE_SUBMISSIONS,
+		 "submissions (implicit TLS, AUTH required)"},
+	};
+	for (size_t i = 0; i < ARRAY_SIZE(roles); i++) {
+		const struct ph_listen *l = (const void *)((const char *)&ctx.cfg + roles[i].off);
+		if (!l->host[0])
+			continue;
+		int r = smtp_server_listen_role(ctx.srv, l->host, l->port, roles[i].role);
+		if (r < 0) {
+			fprintf(stderr, "posthaste: cannot listen on %s:%u: %s\n", l->host, l->port,
+				strerror(-r));
+			ph_control_close(&ctx.control);
+			return 1;
+		}
+		log_info("posthaste: listening on %s:%u: %s", l->host, l->port, roles[i].what);
 	}
 	log_info("posthaste: %u workers, spool %s, durability %s%s", nw, ctx.cfg.spool_dir,
 		 scfg.durability == SPOOL_FSYNC   ? "fsync"
@@ -652,6 +716,7 @@ int main(int argc, char **argv)
 	relay_free(&ctx.relay);
 	users_free(&ctx.users);
 	smtp_server_free(&ctx.srv);
+	tls_ctx_free(&ctx.tls);
 	spool_close(&ctx.spool);
 	net_engine_free(&e);
 	free(ctx.workers);

@@ -34,6 +34,7 @@
 #include "mta/relay/header.h"
 #include "mta/smtp/smtp_client.h"
 #include "queue/envelope.h"
+#include "tls/tls.h"
 
 #define ACCT_BUF        (256u * 1024)
 #define SITE_HOSTS_MAX  16
@@ -42,6 +43,7 @@
 #define BACKOFF_BASE_MS 1000 /* a site that failed to connect: 1 s, doubling, up to retry_max */
 #define DIAG_MAX        512
 #define JOB_RCPTS_MAX   100 /* smtp_client's max_rcpts: more is -E2BIG, never sent */
+#define TLS_SESSION_MAX 4096 /* a serialized session (tls_conn_session: always enough) */
 
 /* ---- small things ---- */
 
@@ -175,8 +177,12 @@ struct site {
 	unsigned fails;
 	uint64_t down_until; /* monotonic */
 	char last_err[DIAG_MAX];
+	char last_status[16]; /* the status the back-off defers with; "" = 4.4.1 */
 	struct net_timer timer;
 	bool timer_armed;
+	/* the newest TLS session of a connection to the site, for resumption */
+	uint8_t *tls_sess;
+	size_t tls_sess_len;
 };
 
 struct rdomain {
@@ -209,6 +215,12 @@ struct rconn {
 	struct iovec body;
 	struct smtp_client_msg msg;
 	bool greeted, idle, quitting, gave_up;
+	/* STARTTLS: asked for, handshake done, required but not offered, plaintext retry */
+	bool tls_started, tls_up, tls_missing, no_tls;
+	bool tls_verified;
+	int tls_err;             /* the handshake's error (on_tls) */
+	const char *fail_status; /* the status of the last failure before a session; NULL: 4.4.1 */
+	char tls_desc[96];       /* "TLSv1.3 TLS_AES_256_GCM_SHA384", or "none" */
 	struct rconn *next_idle;
 	char remote[280];
 	char err[DIAG_MAX];
@@ -235,6 +247,7 @@ struct relay_worker {
 	size_t nsites_cap;
 	char *acct;
 	size_t acct_len;
+	const struct rconn *acct_conn; /* the connection whose outcomes are being logged (tls) */
 	struct relay_stats stats;
 } cache_aligned;
 
@@ -246,6 +259,9 @@ struct relay {
 	int acct_fd;
 	unsigned nworkers;
 	struct relay_worker *workers;
+	/* outbound STARTTLS, shared by the workers (tls.h: contexts are process-wide),
+	   indexed by enum ph_tls_verify; NULL: could not be created (no TLS) */
+	struct tls_ctx *tls[2];
 };
 
 static void pump(struct relay_worker *rw);
@@ -357,6 +373,15 @@ static void acct_rcpt(struct relay_worker *rw, const char *event, const struct a
 	acct_cstr(rw, "reply", rc->diag);
 	acct_u64(rw, "attempt", (uint64_t)am->rq->e->attempts + 1);
 	acct_u64(rw, "size", am->m.body_len);
+	if (rw->acct_conn) {
+		/* the connection it went over: "TLSv1.3 TLS_AES_256_GCM_SHA384" or "none" */
+		acct_cstr(rw, "tls", rw->acct_conn->tls_desc[0] ? rw->acct_conn->tls_desc : "none");
+		if (rw->acct_conn->tls_up) {
+			const char *v = rw->acct_conn->tls_verified ? ",\"tls_verified\":true"
+			                                            : ",\"tls_verified\":false";
+			acct_raw(rw, v, strlen(v));
+		}
+	}
 	acct_u64(rw, "received_ms", am->m.received_ms);
 	uint64_t now = wall_ms();
 	acct_u64(rw, "delay_ms", now > am->m.received_ms ? now - am->m.received_ms : 0);
@@ -1018,7 +1043,7 @@ static void site_pump(struct site *s)
 		s->qlen = 0;
 		while (j) {
 			struct job *n = j->next;
-			job_settle(j, RS_DEFER, "4.4.1", "", diag);
+			job_settle(j, RS_DEFER, s->last_status[0] ? s->last_status : "4.4.1", "", diag);
 			j = n;
 		}
 		return;
@@ -1052,7 +1077,7 @@ static void site_pump(struct site *s)
 }
 
 /* The site's every host failed: back off the whole destination. */
-static void site_failed(struct site *s, const char *err)
+static void site_failed(struct site *s, const char *status, const char *err)
 {
 	struct relay_worker *rw = s->rw;
 	s->fails++;
@@ -1063,6 +1088,7 @@ static void site_failed(struct site *s, const char *err)
 	ms = MIN(ms, rw->r->cfg->retry_min_ms);
 	s->down_until = net_worker_now_ms(rw->w) + ms;
 	snprintf(s->last_err, sizeof(s->last_err), "%s", err);
+	snprintf(s->last_status, sizeof(s->last_status), "%s", status ? status : "");
 	log_info("relay: %s: every host failed (%s); backing off %" PRIu64 " ms", s->key, err,
 		 ms);
 	site_pump(s); /* defers the queued work */
@@ -1088,6 +1114,7 @@ static void conn_try_next(struct rconn *rc)
 		if (r == 0)
 			return;
 		snprintf(rc->err, sizeof(rc->err), "connect to %s: %s", rc->remote, strerror(-r));
+		rc->fail_status = NULL;
 		rc->ai++;
 	}
 	/* nothing left to try */
@@ -1095,8 +1122,9 @@ static void conn_try_next(struct rconn *rc)
 	s->nconns--;
 	char err[DIAG_MAX];
 	snprintf(err, sizeof(err), "%s", rc->err[0] ? rc->err : "no address to connect to");
+	const char *status = rc->fail_status;
 	conn_free(rc);
-	site_failed(s, err);
+	site_failed(s, status, err);
 }
 
 /* smtp_client callbacks */
@@ -1116,9 +1144,80 @@ static void cl_send(void *arg, const void *data, size_t len, bool body_ref)
 	net_send(rc->c, data, len);
 }
 
+/*
+ * The TLS policy of rc's destination (*tls: enum ph_tls, *verify: enum
+ * ph_tls_verify): today the configuration's, delivery_tls / delivery_tls_verify
+ * or destination.DOMAIN = tls=... verify=... of the domain that created the site.
+ *
+ * Seam for DANE and MTA-STS: this is where they would raise the policy per MX
+ * host. DANE (RFC 7672): usable TLSA records of the host (looked up, DNSSEC-
+ * validated, with the MX set in mx_done and kept in struct rhost) make it
+ * require, with the certificate matched against the TLSA records instead of
+ * verify=name (a new TLS_VERIFY_DANE in tls/). MTA-STS (RFC 8461): a cached
+ * "enforce" policy of the recipient domain whose mx patterns match the host
+ * makes it require + verify=name (and a host outside the patterns is skipped).
+ */
+static void conn_tls_policy(const struct rconn *rc, unsigned *tls, unsigned *verify)
+{
+	*tls = rc->site->lim.tls;
+	*verify = rc->site->lim.tls_verify;
+}
+
+static bool is_ip_literal(const char *name)
+{
+	unsigned char a[16];
+	return inet_pton(AF_INET, name, a) == 1 || inet_pton(AF_INET6, name, a) == 1;
+}
+
+static bool cl_want_starttls(void *arg)
+{
+	struct rconn *rc = arg;
+	unsigned tls, verify;
+	conn_tls_policy(rc, &tls, &verify);
+	if (tls == PH_TLS_NONE || rc->no_tls)
+		return false;
+	return rc->rw->r->tls[verify == PH_TLS_VERIFY_NAME] != NULL;
+}
+
+static void cl_start_tls(void *arg)
+{
+	struct rconn *rc = arg;
+	struct site *s = rc->site;
+	unsigned tls, verify;
+	conn_tls_policy(rc, &tls, &verify);
+	const char *host = s->hosts[rc->hi].name;
+	/* SNI (and the name verified) = the MX host name; none for an IP literal */
+	const char *sni = host[0] && !is_ip_literal(host) ? host : NULL;
+	rc->tls_started = true;
+	int r = tls_conn_start(rc->c, rc->rw->r->tls[verify == PH_TLS_VERIFY_NAME], sni,
+			       s->tls_sess, s->tls_sess_len);
+	if (r < 0) {
+		rc->tls_err = r;
+		snprintf(rc->err, sizeof(rc->err), "%s: cannot start TLS: %s", rc->remote,
+			 strerror(-r));
+		net_conn_abort(rc->c, r); /* on_close: a failed handshake */
+	}
+}
+
 static void cl_ready(void *arg)
 {
 	struct rconn *rc = arg;
+	if (!rc->greeted && !smtp_client_tls_active(&rc->cl)) {
+		unsigned tls, verify;
+		conn_tls_policy(rc, &tls, &verify);
+		if (tls == PH_TLS_REQUIRE) {
+			/* no session without TLS: QUIT; on_close defers the work with 4.7.5 */
+			rc->tls_missing = true;
+			snprintf(rc->err, sizeof(rc->err), "%s: TLS required but not %s", rc->remote,
+				 !rc->rw->r->tls[verify == PH_TLS_VERIFY_NAME]
+				     ? "available (no TLS client context)"
+				     : "offered (no STARTTLS, or it was refused)");
+			rc->quitting = true;
+			smtp_client_quit(&rc->cl);
+			net_conn_close(rc->c);
+			return;
+		}
+	}
 	if (!rc->greeted) {
 		rc->greeted = true;
 		rc->site->connecting--;
@@ -1147,6 +1246,7 @@ static void cl_msg_done(void *arg, const struct smtp_client_result *res)
 	if (!j)
 		return;
 	struct amsg *am = j->am;
+	rc->rw->acct_conn = rc;
 	for (unsigned k = 0; k < j->n && k < res->nrcpts; k++) {
 		const struct smtp_client_reply *r = &res->rcpt[k];
 		char status[16], diag[DIAG_MAX];
@@ -1161,6 +1261,7 @@ static void cl_msg_done(void *arg, const struct smtp_client_result *res)
 							   : RS_DEFER;
 		rcpt_set(am, j->idx[k], st, status, rc->remote, diag);
 	}
+	rc->rw->acct_conn = NULL;
 	free(j);
 	if (--am->outstanding == 0)
 		attempt_done(am);
@@ -1183,6 +1284,8 @@ static const struct smtp_client_ops cl_ops = {
     .on_ready = cl_ready,
     .on_msg_done = cl_msg_done,
     .on_fail = cl_fail,
+    .want_starttls = cl_want_starttls,
+    .start_tls = cl_start_tls,
 };
 
 /* net callbacks */
@@ -1212,6 +1315,35 @@ static void rc_data(struct net_conn *c, const struct iovec *iov, unsigned n)
 	for (unsigned i = 0; i < n && rc->c; i++)
 		smtp_client_feed(&rc->cl, iov[i].iov_base, iov[i].iov_len);
 	if (rc->c && !rc->idle) {
+		uint64_t t = smtp_client_timeout_ms(&rc->cl);
+		if (t)
+			net_conn_set_timeout(c, t);
+	}
+}
+
+static void rc_tls(struct net_conn *c, int err)
+{
+	struct rconn *rc = net_conn_data(c);
+	if (err < 0) {
+		/* on_close(c, err) follows */
+		rc->tls_err = err;
+		snprintf(rc->err, sizeof(rc->err), "%s: TLS handshake failed: %s", rc->remote,
+			 err == -EKEYREJECTED ? "certificate verification failed"
+			 : err == -EPROTONOSUPPORT ? "no common TLS version"
+						   : strerror(-err));
+		return;
+	}
+	struct tls_info ti;
+	rc->tls_up = true;
+	if (tls_conn_info(c, &ti) == 0) {
+		snprintf(rc->tls_desc, sizeof(rc->tls_desc), "%s %s", ti.version ? ti.version : "?",
+			 ti.cipher ? ti.cipher : "?");
+		rc->tls_verified = ti.verified;
+		log_debug("relay: %s: TLS %s%s%s", rc->remote, rc->tls_desc,
+			  ti.resumed ? " (resumed)" : "", ti.verified ? " (verified)" : "");
+	}
+	smtp_client_tls_done(&rc->cl);
+	if (rc->c) {
 		uint64_t t = smtp_client_timeout_ms(&rc->cl);
 		if (t)
 			net_conn_set_timeout(c, t);
@@ -1252,6 +1384,19 @@ static void rc_close(struct net_conn *c, int err)
 	struct site *s = rc->site;
 	if (rc->idle)
 		idle_remove(rc);
+	if (rc->tls_up) {
+		/* TLS 1.3 tickets come after the handshake: the newest one, for the next connection */
+		uint8_t sess[TLS_SESSION_MAX];
+		int n = tls_conn_session(c, sess, sizeof(sess));
+		if (n > 0) {
+			uint8_t *v = realloc(s->tls_sess, (size_t)n);
+			if (v) {
+				memcpy(v, sess, (size_t)n);
+				s->tls_sess = v;
+				s->tls_sess_len = (size_t)n;
+			}
+		}
+	}
 	rc->c = NULL;
 	if (rc->cl_init && rc->job) {
 		/* tells on_msg_done with the unanswered recipients unknown */
@@ -1274,6 +1419,23 @@ static void rc_close(struct net_conn *c, int err)
 			smtp_client_deinit(&rc->cl);
 			rc->cl_init = false;
 		}
+		bool tls_failed = rc->tls_started && !rc->tls_up;
+		unsigned tls, verify;
+		conn_tls_policy(rc, &tls, &verify);
+		rc->fail_status = tls_failed || rc->tls_missing ? "4.7.5" : NULL;
+		bool retry_plain = tls_failed && tls == PH_TLS_MAY && !rc->no_tls &&
+				   !(verify == PH_TLS_VERIFY_NAME && rc->tls_err == -EKEYREJECTED);
+		rc->tls_started = rc->tls_up = rc->tls_missing = rc->tls_verified = false;
+		rc->tls_desc[0] = '\0';
+		rc->tls_err = 0;
+		if (retry_plain) {
+			/* tls=may: the same address once more, in plaintext */
+			log_info("relay: %s; trying again without TLS", rc->err);
+			rc->no_tls = true;
+			conn_try_next(rc);
+			return;
+		}
+		rc->no_tls = false;
 		rc->ai++;
 		conn_try_next(rc);
 		return;
@@ -1291,6 +1453,7 @@ static const struct net_proto relay_proto = {
     .on_timeout = rc_timeout,
     .on_shutdown = rc_shutdown,
     .on_close = rc_close,
+    .on_tls = rc_tls,
 };
 
 /* ---- local delivery ---- */
@@ -1904,6 +2067,16 @@ struct relay *relay_new(const struct ph_config *cfg, const char *hostname,
 	r->sp = sp;
 	r->acct_fd = -1;
 	snprintf(r->hostname, sizeof(r->hostname), "%s", hostname);
+	/* outbound TLS: one client context per verification mode, shared by the workers */
+	for (unsigned v = 0; v < 2; v++) {
+		char terr[256];
+		r->tls[v] = tls_ctx_new_client(v == PH_TLS_VERIFY_NAME ? TLS_VERIFY_NAME
+								  : TLS_VERIFY_NONE,
+					       NULL, NULL, terr, sizeof(terr));
+		if (!r->tls[v])
+			log_warn("relay: no outbound TLS%s: %s",
+				 v == PH_TLS_VERIFY_NAME ? " with verify=name" : "", terr);
+	}
 	const char *path = cfg->accounting_log;
 	if (!strcmp(path, "-")) {
 		r->acct_fd = dup(STDOUT_FILENO);
@@ -1925,6 +2098,8 @@ struct relay *relay_new(const struct ph_config *cfg, const char *hostname,
 		if (r->acct_fd < 0) {
 			snprintf(err, errlen, "cannot open the accounting log %s: %s", path,
 				 strerror(errno));
+			tls_ctx_free(&r->tls[0]);
+			tls_ctx_free(&r->tls[1]);
 			free(r->workers);
 			free(r);
 			return NULL;
@@ -1940,6 +2115,8 @@ void relay_free(struct relay **rp)
 		return;
 	if (r->acct_fd >= 0)
 		close(r->acct_fd);
+	tls_ctx_free(&r->tls[0]);
+	tls_ctx_free(&r->tls[1]);
 	free(r->workers);
 	free(r);
 	*rp = NULL;
@@ -2010,6 +2187,7 @@ void relay_worker_fini(struct relay_worker *rw)
 				job_drop(j);
 			}
 			free(s->hosts);
+			free(s->tls_sess);
 			free(s);
 		}
 	free(rw->sites);

@@ -27,6 +27,7 @@
 #include "core/compiler.h"
 #include "core/log.h"
 #include "mta/smtp/sasl.h"
+#include "tls/tls.h"
 
 #define BACKLOG_MAX (1u << 20) /* input kept while a session waits: more is abuse */
 #define AUTH_FAIL_SLOTS 256    /* client addresses with failed AUTHs, per worker */
@@ -49,6 +50,13 @@ struct smtp_worker {
 	struct auth_fail *auth_fails; /* AUTH_FAIL_SLOTS, when AUTH is offered */
 } cache_aligned;
 
+/* One listener: the ctx of its net listener. */
+struct smtp_listener {
+	struct smtp_server *srv;
+	enum smtp_role role;
+	struct smtp_listener *next;
+};
+
 struct smtp_server {
 	struct smtp_server_config cfg;
 	char hostname[256];
@@ -62,6 +70,8 @@ struct smtp_server {
 	size_t ehlo_tail_len;
 	char helo_reply[300];
 	size_t helo_reply_len;
+	struct smtp_listener *listeners;
+	bool submission; /* a submission listener exists: AUTH state is needed */
 };
 
 /* ---- replies ---- */
@@ -114,6 +124,8 @@ enum reply_id {
 	RP_AUTH_NEED_EHLO,
 	RP_AUTH_REQUIRED,
 	RP_AUTH_LINE_TOO_LONG,
+	RP_TLS_GO,
+	RP_TLS_ACTIVE,
 	RP_COUNT
 };
 
@@ -135,7 +147,7 @@ static const struct reply_def replies[RP_COUNT] = {
 	[RP_QUIT] = REPLY("221 2.0.0 Bye"),
 	[RP_VRFY] = REPLY("252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery"),
 	[RP_HELP] = REPLY("214 2.0.0 See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET "
-			 "NOOP QUIT VRFY HELP"),
+			 "NOOP QUIT VRFY HELP STARTTLS AUTH"),
 	[RP_NOT_IMPL] = ERROR("502 5.5.1 Error: command not implemented"),
 	[RP_UNKNOWN] = ERROR("500 5.5.1 Error: command not recognized"),
 	[RP_LINE_TOO_LONG] = ERROR("500 5.5.2 Error: line too long"),
@@ -179,6 +191,9 @@ static const struct reply_def replies[RP_COUNT] = {
 	[RP_AUTH_NEED_EHLO] = ERROR("503 5.5.1 Error: send EHLO first"),
 	[RP_AUTH_REQUIRED] = REPLY("530 5.7.0 Authentication required"),
 	[RP_AUTH_LINE_TOO_LONG] = ERROR("500 5.5.6 Error: authentication exchange line is too long"),
+	/* STARTTLS (RFC 3207) */
+	[RP_TLS_GO] = REPLY("220 2.0.0 Ready to start TLS"),
+	[RP_TLS_ACTIVE] = ERROR("503 5.5.1 Error: TLS already active"),
 };
 
 /* ---- sessions ---- */
@@ -198,6 +213,7 @@ struct smtp_session {
 	struct net_conn *conn;
 	struct smtp_worker *sw;
 	struct smtp_server *srv;
+	const struct smtp_listener *lst;
 	struct smtp_parser parser;
 	enum sess_state state;
 	unsigned errors;
@@ -219,6 +235,10 @@ struct smtp_session {
 	struct sasl *sasl;  /* during an exchange (334 sent); wiped before release */
 	char auth_user[SASL_FIELD_MAX + 1]; /* "" until 235 */
 	char auth_cand[SASL_FIELD_MAX + 1]; /* the authcid being checked */
+
+	/* TLS */
+	bool tls_pending; /* STARTTLS said 220: input is dropped until the handshake ends */
+	struct tls_info tls_info; /* valid with tls */
 
 	/* the transaction */
 	struct arena arena;
@@ -254,6 +274,8 @@ struct smtp_session {
 
 static void sess_process_backlog(struct smtp_session *s);
 static bool auth_offered(const struct smtp_session *s);
+static bool auth_enabled(const struct smtp_session *s);
+static bool starttls_offered(const struct smtp_session *s);
 
 /* Ends an AUTH exchange: its secrets are wiped. */
 static void sasl_end(struct smtp_session *s)
@@ -531,6 +553,9 @@ static void txn_end(struct smtp_session *s, unsigned body_flags)
 		.peer = net_conn_peer(s->conn),
 		.chunked = s->bdat_used,
 		.auth_user = s->auth_user[0] ? s->auth_user : NULL,
+		.tls_version = s->tls ? s->tls_info.version : NULL,
+		.tls_cipher = s->tls ? s->tls_info.cipher : NULL,
+		.tls_bits = s->tls ? s->tls_info.bits : 0,
 	};
 	struct smtp_txn_result res = {.code = 0};
 	void *txn = s->txn;
@@ -641,6 +666,11 @@ static void do_helo(struct smtp_session *s, struct smtp_command *cmd)
 	}
 	char line[1024];
 	int k = snprintf(line, sizeof(line), "250-%s\r\n", s->srv->hostname);
+	if (starttls_offered(s)) {
+		static const char tls_line[] = "250-STARTTLS\r\n";
+		memcpy(line + k, tls_line, sizeof(tls_line) - 1);
+		k += (int)sizeof(tls_line) - 1;
+	}
 	if (auth_offered(s)) {
 		static const char auth_line[] = "250-AUTH PLAIN LOGIN\r\n";
 		memcpy(line + k, auth_line, sizeof(auth_line) - 1);
@@ -706,7 +736,7 @@ static void do_mail(struct smtp_session *s, struct smtp_command *cmd)
 		reply(s, RP_UTF8_NEEDED);
 		return;
 	}
-	if (cfg->auth_required && !s->auth_user[0]) {
+	if ((cfg->auth_required || s->lst->role != SMTP_ROLE_RELAY) && !s->auth_user[0]) {
 		reply(s, RP_AUTH_REQUIRED);
 		return;
 	}
@@ -987,9 +1017,64 @@ static void do_not_impl(struct smtp_session *s, struct smtp_command *cmd)
 
 /* ---- AUTH (RFC 4954) ---- */
 
+/* AUTH exists on this listener (offered now or after STARTTLS). */
+static bool auth_enabled(const struct smtp_session *s)
+{
+	return s->srv->cfg.auth || s->lst->role != SMTP_ROLE_RELAY;
+}
+
+/* Submission never offers AUTH without TLS; the relay role only when told to. */
 static bool auth_offered(const struct smtp_session *s)
 {
-	return s->srv->cfg.auth && (s->tls || s->srv->cfg.auth_without_tls);
+	return auth_enabled(s) &&
+	       (s->tls || (s->srv->cfg.auth_without_tls && s->lst->role == SMTP_ROLE_RELAY));
+}
+
+static bool starttls_offered(const struct smtp_session *s)
+{
+	return s->srv->cfg.tls && !s->tls && s->lst->role != SMTP_ROLE_SUBMISSIONS;
+}
+
+/* ---- STARTTLS (RFC 3207) ---- */
+
+static void do_starttls(struct smtp_session *s, struct smtp_command *cmd)
+{
+	(void)cmd;
+	if (s->tls) {
+		reply(s, RP_TLS_ACTIVE);
+		return;
+	}
+	if (!starttls_offered(s)) {
+		reply(s, RP_NOT_IMPL);
+		return;
+	}
+	reply(s, RP_TLS_GO);
+	if (s->closing)
+		return;
+	int r = tls_conn_start(s->conn, s->srv->cfg.tls, NULL, NULL, 0);
+	if (r < 0) {
+		/* the 220 is queued: nothing sensible can follow it in plaintext */
+		log_warn("smtp: STARTTLS: cannot start TLS: %s", strerror(-r));
+		s->closing = true;
+		net_conn_abort(s->conn, r);
+		return;
+	}
+	/*
+	 * Everything the client sent after the STARTTLS line is dropped (CVE-2011-0411):
+	 * the rest of the input (sess_run and on_data stop on tls_pending), the backlog
+	 * and the parser's partial line. The session is as after the greeting
+	 * (RFC 3207 4.2): no EHLO, no transaction, no AUTH.
+	 */
+	s->tls_pending = true;
+	txn_reset(s);
+	smtp_parser_reset(&s->parser);
+	s->backlog_off = s->backlog_len = 0;
+	sasl_end(s);
+	s->state = S_GREET;
+	s->esmtp = false;
+	s->helo[0] = '\0';
+	s->mail_failed = false;
+	explicit_bzero(s->auth_user, sizeof(s->auth_user));
 }
 
 /*
@@ -1127,7 +1212,7 @@ static void auth_progress(struct smtp_session *s, int r)
 static void do_auth(struct smtp_session *s, struct smtp_command *cmd)
 {
 	const struct smtp_server_config *cfg = &s->srv->cfg;
-	if (!cfg->auth) {
+	if (!auth_enabled(s)) {
 		reply(s, RP_AUTH_DISABLED);
 		return;
 	}
@@ -1221,7 +1306,7 @@ static const struct command_def {
 	[SMTP_VERB_VRFY] = {S_ANY, 0, 0, 0, do_vrfy, RP_SYNTAX},
 	[SMTP_VERB_EXPN] = {S_ANY, 0, 0, 0, do_not_impl, RP_SYNTAX},
 	[SMTP_VERB_HELP] = {S_ANY, 0, 0, 0, do_help, RP_SYNTAX},
-	[SMTP_VERB_STARTTLS] = {S_ANY, 0, 0, 0, do_not_impl, RP_SYNTAX},
+	[SMTP_VERB_STARTTLS] = {S_ANY, 0, 0, 0, do_starttls, RP_SYNTAX},
 	[SMTP_VERB_AUTH] = {S_READY, RP_NEED_HELO, 0, RP_AUTH_IN_TXN, do_auth, RP_SYNTAX},
 };
 
@@ -1321,7 +1406,7 @@ static size_t sess_run(struct smtp_session *s, const char *p, size_t n)
 	 * chunk that ends exactly at the end of the input, or a held-back CR, is
 	 * yielded by a call that consumes nothing.
 	 */
-	while (!s->suspended && !s->closing) {
+	while (!s->suspended && !s->closing && !s->tls_pending) {
 		size_t used = 0;
 		struct smtp_event ev;
 		int r = smtp_parser_next(&s->parser, done < n ? p + done : NULL, n - done, &used, &ev);
@@ -1330,7 +1415,7 @@ static size_t sess_run(struct smtp_session *s, const char *p, size_t n)
 			break;
 		handle_event(s, &ev);
 	}
-	return s->closing ? n : done;
+	return s->closing || s->tls_pending ? n : done;
 }
 
 static int backlog_append(struct smtp_session *s, const char *p, size_t n)
@@ -1360,7 +1445,10 @@ static void sess_process_backlog(struct smtp_session *s)
 	do {
 		size_t left = s->backlog_len - s->backlog_off;
 		s->backlog_off += sess_run(s, left ? s->backlog + s->backlog_off : NULL, left);
-	} while (s->backlog_off < s->backlog_len && !s->suspended && !s->closing);
+	} while (s->backlog_off < s->backlog_len && !s->suspended && !s->closing &&
+		 !s->tls_pending);
+	if (s->tls_pending)
+		s->backlog_off = s->backlog_len = 0;
 	if (s->backlog_off >= s->backlog_len)
 		s->backlog_off = s->backlog_len = 0;
 	if (!s->suspended && !s->closing)
@@ -1371,7 +1459,7 @@ static void on_data(struct net_conn *c, const struct iovec *iov, unsigned n)
 {
 	struct smtp_session *s = net_conn_data(c);
 	s->last_ms = net_worker_now_ms(net_conn_worker(c));
-	for (unsigned i = 0; i < n && !s->closing; i++) {
+	for (unsigned i = 0; i < n && !s->closing && !s->tls_pending; i++) {
 		const char *p = iov[i].iov_base;
 		size_t len = iov[i].iov_len;
 		size_t used = 0;
@@ -1413,7 +1501,8 @@ static void on_open(struct net_conn *c, int err)
 {
 	if (err)
 		return;
-	struct smtp_server *srv = net_conn_listener_ctx(c);
+	const struct smtp_listener *lst = net_conn_listener_ctx(c);
+	struct smtp_server *srv = lst->srv;
 	struct net_worker *w = net_conn_worker(c);
 	struct smtp_worker *sw = &srv->workers[net_worker_index(w)];
 	struct smtp_session *s = calloc(1, sizeof(*s));
@@ -1427,6 +1516,9 @@ static void on_open(struct net_conn *c, int err)
 	s->conn = c;
 	s->sw = sw;
 	s->srv = srv;
+	s->lst = lst;
+	if (lst->role == SMTP_ROLE_SUBMISSIONS && tls_conn_info(c, &s->tls_info) == 0)
+		s->tls = true; /* implicit TLS: on_open comes after the handshake */
 	s->state = S_GREET;
 	arena_init(&s->arena, 4096);
 	net_conn_set_data(c, s);
@@ -1482,12 +1574,25 @@ static void on_close(struct net_conn *c, int err)
 	sess_free(s);
 }
 
+static void on_tls(struct net_conn *c, int err)
+{
+	struct smtp_session *s = net_conn_data(c);
+	if (!s || err)
+		return; /* the connection closes; on_close follows */
+	s->tls_pending = false;
+	s->last_ms = net_worker_now_ms(net_conn_worker(c));
+	if (tls_conn_info(c, &s->tls_info) < 0)
+		memset(&s->tls_info, 0, sizeof(s->tls_info));
+	smtp_session_set_tls(s, true);
+}
+
 static const struct net_proto smtp_proto = {
 	.on_open = on_open,
 	.on_data = on_data,
 	.on_timeout = on_timeout,
 	.on_shutdown = on_shutdown,
 	.on_close = on_close,
+	.on_tls = on_tls,
 	.refuse_msg = "421 4.3.2 Too many connections; try again later\r\n",
 };
 
@@ -1548,6 +1653,11 @@ void smtp_server_free(struct smtp_server **srvp)
 		return;
 	for (unsigned i = 0; i < srv->nworkers; i++)
 		free(srv->workers[i].auth_fails);
+	while (srv->listeners) {
+		struct smtp_listener *l = srv->listeners;
+		srv->listeners = l->next;
+		free(l);
+	}
 	free(srv->workers);
 	free(srv);
 	*srvp = NULL;
@@ -1555,7 +1665,31 @@ void smtp_server_free(struct smtp_server **srvp)
 
 int smtp_server_listen(struct smtp_server *srv, const char *host, uint16_t port)
 {
-	return net_engine_listen(srv->engine, host, port, &smtp_proto, srv);
+	return smtp_server_listen_role(srv, host, port, SMTP_ROLE_RELAY);
+}
+
+int smtp_server_listen_role(struct smtp_server *srv, const char *host, uint16_t port,
+			    enum smtp_role role)
+{
+	if (role == SMTP_ROLE_SUBMISSIONS && !srv->cfg.tls)
+		return -EINVAL;
+	struct smtp_listener *l = calloc(1, sizeof(*l));
+	if (!l)
+		return -ENOMEM;
+	l->srv = srv;
+	l->role = role;
+	int r = role == SMTP_ROLE_SUBMISSIONS
+			? tls_listen(srv->engine, host, port, &smtp_proto, l, srv->cfg.tls)
+			: net_engine_listen(srv->engine, host, port, &smtp_proto, l);
+	if (r < 0) {
+		free(l);
+		return r;
+	}
+	l->next = srv->listeners;
+	srv->listeners = l;
+	if (role != SMTP_ROLE_RELAY)
+		srv->submission = true;
+	return 0;
 }
 
 int smtp_server_worker_init(struct smtp_server *srv, struct net_worker *w,
@@ -1567,7 +1701,7 @@ int smtp_server_worker_init(struct smtp_server *srv, struct net_worker *w,
 	srv->workers[i].srv = srv;
 	srv->workers[i].sink = sink;
 	srv->workers[i].sink_ctx = sink_ctx;
-	if (srv->cfg.auth && !srv->workers[i].auth_fails) {
+	if ((srv->cfg.auth || srv->submission) && !srv->workers[i].auth_fails) {
 		srv->workers[i].auth_fails = calloc(AUTH_FAIL_SLOTS, sizeof(struct auth_fail));
 		if (!srv->workers[i].auth_fails)
 			return -ENOMEM;

@@ -1,7 +1,8 @@
 /*
  * smtp_server: the SMTP server protocol (RFC 5321 + ESMTP PIPELINING, SIZE,
  * 8BITMIME, ENHANCEDSTATUSCODES, CHUNKING, SMTPUTF8, DSN, AUTH PLAIN/LOGIN
- * per RFC 4954 through mta/smtp/sasl, docs/auth.md) on a net/ connection. Each finished message goes to a message sink (the spool, or a
+ * per RFC 4954 through mta/smtp/sasl, docs/auth.md, STARTTLS per RFC 3207 and
+ * implicit TLS per RFC 8314 through tls/, docs/tls.md) on a net/ connection. Each finished message goes to a message sink (the spool, or a
  * discard/count sink for benchmarks) through struct smtp_sink_ops.
  *
  * One struct smtp_server per listener configuration, shared by all workers
@@ -52,6 +53,10 @@ struct smtp_envelope {
 	const struct sockaddr_storage *peer;
 	bool chunked; /* arrived with BDAT */
 	const char *auth_user; /* the AUTH identity (authcid) of the session, or NULL */
+	/* TLS (STARTTLS or implicit): what was negotiated, or NULL without TLS (static strings) */
+	const char *tls_version; /* "TLSv1.3" */
+	const char *tls_cipher;  /* "TLS_AES_128_GCM_SHA256" */
+	int tls_bits;            /* symmetric key bits */
 };
 
 /* A final reply for a transaction, e.g. {250, "2.0.0", "Ok: queued as 8F2A..."}. */
@@ -126,6 +131,8 @@ struct smtp_sink_ops {
 	void (*session_close)(void *ctx);
 };
 
+struct tls_ctx;
+
 struct smtp_server_config {
 	const char *hostname;        /* in the greeting and EHLO; default: gethostname() */
 	struct smtp_limits limits;   /* parser limits */
@@ -145,6 +152,13 @@ struct smtp_server_config {
 					 then 454 4.7.0 until it ends; default 3 (per worker) */
 	unsigned auth_fail_window_ms; /* default 60 s */
 	unsigned auth_fail_close;     /* failed AUTHs in one session, then 421 and close; default 5 */
+
+	/*
+	 * TLS (RFC 3207, docs/tls.md): a server context (tls/tls.h, owned by the
+	 * caller, outliving the server). When set, STARTTLS is offered on every
+	 * plain listener; submissions listeners need it.
+	 */
+	struct tls_ctx *tls;
 };
 
 /* Fills *cfg with the defaults above. */
@@ -171,6 +185,26 @@ void smtp_server_free(struct smtp_server **srv);
 
 /* Adds a listener that speaks SMTP (before net_engine_run). 0 or -errno. */
 int smtp_server_listen(struct smtp_server *srv, const char *host, uint16_t port);
+
+/* What a listener is for (docs/tls.md). */
+enum smtp_role {
+	/* relay / MX (port 25): STARTTLS when cfg.tls is set; AUTH as cfg.auth says */
+	SMTP_ROLE_RELAY = 0,
+	/* submission (RFC 6409, port 587): STARTTLS, then AUTH, which is required
+	   (MAIL before it: 530 5.7.0; AUTH before STARTTLS: 538 5.7.11) */
+	SMTP_ROLE_SUBMISSION,
+	/* submission over implicit TLS (RFC 8314, port 465): AUTH required; needs cfg.tls */
+	SMTP_ROLE_SUBMISSIONS,
+};
+
+/*
+ * Adds a listener with a role (before net_engine_run); smtp_server_listen is
+ * this with SMTP_ROLE_RELAY. The submission roles offer AUTH whatever
+ * cfg.auth says (the sink needs auth_check). 0 or -errno (-EINVAL: a role
+ * that needs cfg.tls without it).
+ */
+int smtp_server_listen_role(struct smtp_server *srv, const char *host, uint16_t port,
+			    enum smtp_role role);
 
 /*
  * Attaches a worker to the server with its message sink (from the engine's
@@ -200,11 +234,11 @@ struct net_conn *smtp_session_conn(const struct smtp_session *s);
 void smtp_session_auth_done(struct smtp_session *s, unsigned code);
 
 /*
- * Marks the session's connection as encrypted (on) or not: the TLS code
- * calls it after its handshake (STARTTLS or implicit TLS). With on, AUTH is
- * offered when the server offers it, and any identity from an AUTH before
- * it is forgotten (RFC 3207 4.2). The TLS code resets the rest of the
- * session (EHLO again).
+ * Marks the session's connection as encrypted (on) or not: the server calls
+ * it itself after the STARTTLS handshake and at the open of an implicit-TLS
+ * connection. With on, AUTH is offered when the server offers it, and any
+ * identity from an AUTH before it is forgotten (RFC 3207 4.2). STARTTLS
+ * resets the rest of the session itself (EHLO again).
  */
 void smtp_session_set_tls(struct smtp_session *s, bool on);
 

@@ -565,6 +565,8 @@ __attribute__((noinline)) static char *ph_printed(const struct ph_config *c)
 	"delivery_connection_rate = unlimited\n"                                                   \
 	"delivery_messages_per_connection = 100\n"                                                 \
 	"delivery_idle_timeout = 5s\n"                                                             \
+	"delivery_tls = may\n"                                                                     \
+	"delivery_tls_verify = none\n"                                                             \
 	"# destination.DOMAIN = LIMITS: none\n"
 
 static const char default_printed[] = "# posthaste: the effective configuration\n"
@@ -586,7 +588,11 @@ static const char default_printed[] = "# posthaste: the effective configuration\
                                       "max_queue_age = 5d\n"
                                       "smtp_auth = no\n"
                                       "smtp_auth_required = no\n"
-                                      "smtp_auth_without_tls = no\n" DELIVERY_DEFAULTS_PRINTED;
+                                      "smtp_auth_without_tls = no\n"
+                                      "tls_cert = \"\" # none: no STARTTLS\n"
+                                      "tls_key = \"\" # none\n"
+                                      "submission_listen = none\n"
+                                      "submissions_listen = none\n" DELIVERY_DEFAULTS_PRINTED;
 
 static void test_ph_defaults(void **state)
 {
@@ -658,7 +664,8 @@ struct set_case {
 #define RATE_HINT                                                                                  \
 	"(expected COUNT/UNIT such as 100/s or 5000/h, COUNT/DURATION such as 10/5s, or "          \
 	"unlimited)"
-#define LIMIT_NAMES "concurrency, rate, connection_rate, messages_per_connection or idle_timeout"
+#define LIMIT_NAMES                                                                                \
+	"concurrency, rate, connection_rate, messages_per_connection, idle_timeout, tls or verify"
 
 static const struct set_case set_cases[] = {
     {"listen", "[::1]:25", "listen = 127.0.0.1:2525\nlisten = [::1]:25\n", NULL},
@@ -906,18 +913,28 @@ static const struct set_case set_cases[] = {
     {"destination.example.com",
      "concurrency=2 rate=100/s connection_rate=10/s messages_per_connection=50 idle_timeout=2s",
      "destination.example.com = concurrency=2 rate=100/s connection_rate=10/s "
-     "messages_per_connection=50 idle_timeout=2s\n",
+     "messages_per_connection=50 idle_timeout=2s tls=may verify=none\n",
      NULL},
     {"Destination.B.Test", "rate=3/250ms",
      "destination.b.test = concurrency=20 rate=3/250ms connection_rate=unlimited "
-     "messages_per_connection=100 idle_timeout=5s\n",
+     "messages_per_connection=100 idle_timeout=5s tls=may verify=none\n",
      NULL},
     {"destination.b.test", "",
      "destination.b.test = concurrency=20 rate=unlimited connection_rate=unlimited "
-     "messages_per_connection=100 idle_timeout=5s\n",
+     "messages_per_connection=100 idle_timeout=5s tls=may verify=none\n",
      NULL},
     {"destination.b.test", " CONCURRENCY=3\tconcurrency=4 ",
      "destination.b.test = concurrency=4 rate=unlimited", NULL},
+    {"destination.b.test", "tls=require verify=name",
+     "destination.b.test = concurrency=20 rate=unlimited connection_rate=unlimited "
+     "messages_per_connection=100 idle_timeout=5s tls=require verify=name\n",
+     NULL},
+    {"destination.b.test", "tls=maybe", NULL,
+     "destination.b.test: tls: 'maybe' is not none, may or require"},
+    {"destination.b.test", "verify=full", NULL,
+     "destination.b.test: verify: 'full' is not none or name"},
+    {"delivery_tls", "require", "delivery_tls = require\n", NULL},
+    {"delivery_tls_verify", "name", "delivery_tls_verify = name\n", NULL},
     {"destination.b.test", "concurrency=0", NULL,
      "destination.b.test: concurrency: number '0' is out of range (1 to 10000)"},
     {"destination.b.test", "rate=fast", NULL,
@@ -937,8 +954,16 @@ static const struct set_case set_cases[] = {
     {"destination.b_test", "", NULL, "destination.b_test: not a domain name " DOMAIN_HINT},
     {"destination", "concurrency=1", NULL,
      "'destination': the domain goes in the key: destination.DOMAIN"},
-    {"TLS_CERT", "x", NULL, "'tls_cert' is not supported yet (reserved for a later version)"},
-    {"tls_key", "x", NULL, "'tls_key' is not supported yet (reserved for a later version)"},
+    {"TLS_CERT", "/etc/ssl/mx.pem", "tls_cert = /etc/ssl/mx.pem\n", NULL},
+    {"tls_key", "", "tls_key = \"\" # none\n", NULL},
+    {"submission_listen", "[::1]:587", "submission_listen = [::1]:587\n", NULL},
+    {"submission_listen", "none", "submission_listen = none\n", NULL},
+    {"submissions_listen", "0.0.0.0:465", "submissions_listen = 0.0.0.0:465\n", NULL},
+    {"submissions_listen", "", "submissions_listen = none\n", NULL},
+    {"submissions_listen", "nowhere", NULL,
+     "submissions_listen: invalid address 'nowhere' (expected HOST:PORT, [IPV6]:PORT or :PORT)"},
+    {"submission_listen", "mx.example:587", NULL,
+     "submission_listen: 'mx.example' is not an IPv4 or IPv6 address"},
 };
 
 static void test_ph_set(void **state)
@@ -1608,6 +1633,10 @@ static const struct load_case load_cases[] = {
      "smtp_auth = yes\n"
      "smtp_auth_required = on\n"
      "smtp_auth_without_tls = true\n"
+     "tls_cert = /etc/posthaste/cert.pem\n"
+     "tls_key = /etc/posthaste/key.pem\n"
+     "submission_listen = 127.0.0.1:587\n"
+     "submissions_listen = [::]:465\n"
      "resolver = 127.0.0.1:5353, [::1]:53\n"
      "smarthost = [192.0.2.25]:2526\n"
      "route.example.com = [127.0.0.1]:2526,[::1]:2526\n"
@@ -1627,8 +1656,10 @@ static const struct load_case load_cases[] = {
      "delivery_connection_rate = 10/5s\n"
      "delivery_messages_per_connection = 50\n"
      "delivery_idle_timeout = 2s\n"
+     "delivery_tls = require\n"
+     "delivery_tls_verify = name\n"
      "destination.example.org = concurrency=2 rate=3/250ms\n"
-     "destination.b.example = idle_timeout=1m\n",
+     "destination.b.example = idle_timeout=1m tls=may\n",
      NULL,
      "# posthaste: the effective configuration\n"
      "listen = 127.0.0.1:25\n"
@@ -1651,6 +1682,10 @@ static const struct load_case load_cases[] = {
      "smtp_auth = yes\n"
      "smtp_auth_required = yes\n"
      "smtp_auth_without_tls = yes\n"
+     "tls_cert = /etc/posthaste/cert.pem\n"
+     "tls_key = /etc/posthaste/key.pem\n"
+     "submission_listen = 127.0.0.1:587\n"
+     "submissions_listen = [::]:465\n"
      "resolver = 127.0.0.1:5353,[::1]:53\n"
      "smarthost = [192.0.2.25]:2526\n"
      "route.example.com = [127.0.0.1]:2526,[::1]:2526\n"
@@ -1670,16 +1705,19 @@ static const struct load_case load_cases[] = {
      "delivery_connection_rate = 10/5s\n"
      "delivery_messages_per_connection = 50\n"
      "delivery_idle_timeout = 2s\n"
+     "delivery_tls = require\n"
+     "delivery_tls_verify = name\n"
      "destination.example.org = concurrency=2 rate=3/250ms connection_rate=10/5s "
-     "messages_per_connection=50 idle_timeout=2s\n"
+     "messages_per_connection=50 idle_timeout=2s tls=require verify=name\n"
      "destination.b.example = concurrency=4 rate=100/s connection_rate=10/5s "
-     "messages_per_connection=50 idle_timeout=1m\n",
+     "messages_per_connection=50 idle_timeout=1m tls=may verify=name\n",
      NULL},
     {"unknown_key", "workers = 2\nbogus = 1\n", NULL, NULL, "%s:2: unknown key 'bogus'"},
     {"bad_value_line_3", "\n# x\ndurability = maybe\n", NULL, NULL,
      "%s:3: durability: 'maybe' is not fsync, batch or none"},
-    {"reserved_key", "tls_cert = /etc/cert.pem\n", NULL, NULL,
-     "%s:1: 'tls_cert' is not supported yet (reserved for a later version)"},
+    {"bad_submission_listen", "submission_listen = 1.2.3.4\n", NULL, NULL,
+     "%s:1: submission_listen: invalid address '1.2.3.4' (expected HOST:PORT, [IPV6]:PORT or "
+     ":PORT)"},
     {"bad_listen_after_good", "listen = 127.0.0.1:25\nlisten = nowhere\n", NULL, NULL,
      "%s:2: listen: invalid address 'nowhere' (expected HOST:PORT, [IPV6]:PORT or :PORT)"},
     {"syntax_error", "workers = 2\n\"workers\" = 3\n", NULL, NULL,
@@ -1698,7 +1736,7 @@ static const struct load_case load_cases[] = {
     {"destination_copies_defaults_read_before",
      "delivery_concurrency = 5\ndelivery_idle_timeout = 1s\ndestination.a.test = rate=1/s\n", NULL,
      "destination.a.test = concurrency=5 rate=1/s connection_rate=unlimited "
-     "messages_per_connection=100 idle_timeout=1s\n",
+     "messages_per_connection=100 idle_timeout=1s tls=may verify=none\n",
      NULL},
     {"bad_route_line_2", "route.a.test = x.test\nroute.b.test = [x]\n", NULL, NULL,
      "%s:2: route.b.test: '[x]': 'x' is not an IPv4 or IPv6 address"},
@@ -1809,11 +1847,11 @@ static void test_round_trip(void **state)
 	    "connect_timeout = 1500ms\ndelivery_active_max = 1000000\n"
 	    "delivery_concurrency = 10000\ndelivery_rate = 4294967295/365d\n"
 	    "delivery_connection_rate = 3/1000ms\ndelivery_messages_per_connection = 1\n"
-	    "delivery_idle_timeout = 1ms\n"
-	    "destination.d1.test = rate=1/ms connection_rate=0/s\n"
+	    "delivery_idle_timeout = 1ms\ndelivery_tls = none\ndelivery_tls_verify = name\n"
+	    "destination.d1.test = rate=1/ms connection_rate=0/s tls=require\n"
 	    "destination.d2.test = concurrency=1 rate=7/60s connection_rate=unlimited "
 	    "messages_per_connection=1000000 idle_timeout=1d\n"
-	    "destination.D1.test = idle_timeout=90s\ndestination.d3.test =\n",
+	    "destination.D1.test = idle_timeout=90s TLS=May Verify=None\ndestination.d3.test =\n",
 	    "delivery_rate = 0\ndelivery_connection_rate = 10/5s\ndestination.a = rate=5000/h\n",
 	    /* relay access */
 	    "mynetworks = \"  [::1]  10.0.0.0/8,,::ffff:192.0.2.0/120 0.0.0.0/0 [2001:DB8::]\"\n"
@@ -2019,6 +2057,21 @@ static const struct {
     {"same_address_other_port", "listen = [::1]:25\nlisten = [::1]:26\n", NULL, NULL},
     {"same_port_other_family", "listen = [::]:25\nlisten = 0.0.0.0:25\n", NULL, NULL},
     {"port_zero_twice_is_fine", "listen = 127.0.0.1:0\nlisten = 127.0.0.1:0\n", NULL, NULL},
+    {"tls_cert_without_key", "tls_cert = /c.pem\n", NULL, "tls_cert: needs tls_key too"},
+    {"tls_key_without_cert", "tls_key = /k.pem\n", NULL, "tls_key: needs tls_cert too"},
+    {"submission_without_tls", "users_file = /u\nsubmission_listen = 127.0.0.1:587\n", NULL,
+     "submission_listen: needs tls_cert and tls_key"},
+    {"submissions_without_users",
+     "tls_cert = /c.pem\ntls_key = /k.pem\nsubmissions_listen = 127.0.0.1:465\n", NULL,
+     "submissions_listen: needs users_file (the logins)"},
+    {"submission_same_as_listen",
+     "listen = 127.0.0.1:587\ntls_cert = /c.pem\ntls_key = /k.pem\nusers_file = /u\n"
+     "submission_listen = 127.0.0.1:587\n",
+     NULL, "submission_listen: 127.0.0.1:587 is given twice"},
+    {"submission_roles",
+     "tls_cert = /c.pem\ntls_key = /c.pem\nusers_file = /u\n"
+     "submission_listen = 127.0.0.1:587\nsubmissions_listen = 127.0.0.1:465\n",
+     NULL, NULL},
     {"control_socket_default_fits", "spool_dir = " DIR94 "\n", NULL, NULL},
     {"control_socket_default_one_too_long", "spool_dir = " DIR94 "5\n", NULL,
      "control_socket: the default, spool_dir + \"/control.sock\", would be 108 octets, more "
