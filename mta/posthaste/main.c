@@ -393,6 +393,18 @@ static void on_hup(void *arg)
 		log_info("posthaste: SIGHUP: TLS certificate reloaded from %s", c->cfg.tls_cert);
 }
 
+static void ctx_release(struct ph_ctx *c, struct net_engine **e)
+{
+	relay_free(&c->relay);
+	users_free(&c->users);
+	smtp_server_free(&c->srv);
+	tls_ctx_free(&c->tls);
+	spool_close(&c->spool);
+	net_engine_free(e);
+	free(c->workers);
+	c->workers = NULL;
+}
+
 static void usage(FILE *f)
 {
 	fputs("usage: posthaste [--config FILE] [--listen HOST:PORT]... [--spool DIR]\n"
@@ -594,7 +606,7 @@ int main(int argc, char **argv)
 					     sizeof(err));
 		if (!ctx.tls) {
 			fprintf(stderr, "posthaste: tls_cert: %s\n", err);
-			return 1;
+			goto fail;
 		}
 		sc.tls = ctx.tls;
 	}
@@ -602,21 +614,21 @@ int main(int argc, char **argv)
 	ctx.workers = aligned_alloc(CACHELINE, sizeof(*ctx.workers) * nw);
 	if (!ctx.srv || !ctx.workers) {
 		fprintf(stderr, "posthaste: out of memory\n");
-		return 1;
+		goto fail;
 	}
 	memset(ctx.workers, 0, sizeof(*ctx.workers) * nw);
 	int nn = ph_networks_parse(ctx.cfg.mynetworks, ctx.nets, ARRAY_SIZE(ctx.nets), err,
 				   sizeof(err));
 	if (nn < 0) {
 		fprintf(stderr, "posthaste: %s\n", err);
-		return 1;
+		goto fail;
 	}
 	ctx.nnets = (unsigned)nn;
 	if (ctx.cfg.users_file[0]) {
 		ctx.users = users_load(ctx.cfg.users_file, err, sizeof(err));
 		if (!ctx.users) {
 			fprintf(stderr, "posthaste: %s\n", err);
-			return 1;
+			goto fail;
 		}
 	}
 	if (!ctx.cfg.discard && ctx.cfg.delivery) {
@@ -624,7 +636,7 @@ int main(int argc, char **argv)
 				      sizeof(err));
 		if (!ctx.relay) {
 			fprintf(stderr, "posthaste: %s\n", err);
-			return 1;
+			goto fail;
 		}
 	}
 	/*
@@ -641,18 +653,18 @@ int main(int argc, char **argv)
 	char ctl_path[sizeof(ctx.cfg.control_socket)];
 	if (ph_control_path(&ctx.cfg, NULL, ctl_path, sizeof(ctl_path)) < 0) {
 		fprintf(stderr, "posthaste: control_socket: the path is too long\n");
-		return 1;
+		goto fail;
 	}
 	ctx.control = ph_control_open(ctl_path, nw, err, sizeof(err)); /* the spool lock is ours */
 	if (!ctx.control) {
 		fprintf(stderr, "posthaste: %s\n", err);
-		return 1;
+		goto fail;
 	}
 	int cr = ph_control_start(ctx.control);
 	if (cr < 0) {
 		fprintf(stderr, "posthaste: cannot start the control thread: %s\n", strerror(-cr));
 		ph_control_close(&ctx.control);
-		return 1;
+		goto fail;
 	}
 	for (unsigned i = 0; i < ctx.cfg.nlisten; i++) {
 		int r = smtp_server_listen(ctx.srv, ctx.cfg.listen[i].host, ctx.cfg.listen[i].port);
@@ -660,7 +672,7 @@ int main(int argc, char **argv)
 			fprintf(stderr, "posthaste: cannot listen on %s:%u: %s\n",
 				ctx.cfg.listen[i].host, ctx.cfg.listen[i].port, strerror(-r));
 			ph_control_close(&ctx.control);
-			return 1;
+			goto fail;
 		}
 		log_info("posthaste: listening on %s:%u%s", ctx.cfg.listen[i].host,
 			 ctx.cfg.listen[i].port, ctx.tls ? " (STARTTLS)" : "");
@@ -684,7 +696,7 @@ int main(int argc, char **argv)
 			fprintf(stderr, "posthaste: cannot listen on %s:%u: %s\n", l->host, l->port,
 				strerror(-r));
 			ph_control_close(&ctx.control);
-			return 1;
+			goto fail;
 		}
 		log_info("posthaste: listening on %s:%u: %s", l->host, l->port, roles[i].what);
 	}
@@ -713,12 +725,11 @@ int main(int argc, char **argv)
 			 " connections",
 			 rs.delivered, rs.deferred, rs.bounced, rs.dsns, rs.connections);
 	}
-	relay_free(&ctx.relay);
-	users_free(&ctx.users);
-	smtp_server_free(&ctx.srv);
-	tls_ctx_free(&ctx.tls);
-	spool_close(&ctx.spool);
-	net_engine_free(&e);
-	free(ctx.workers);
+	ctx_release(&ctx, &e);
 	return r < 0 ? 1 : 0;
+
+fail: /* after the engine and the spool exist: release them (and whatever came after) */
+	ph_control_close(&ctx.control);
+	ctx_release(&ctx, &e);
+	return 1;
 }
