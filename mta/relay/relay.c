@@ -1275,6 +1275,13 @@ static void cl_fail(void *arg, const struct smtp_client_failure *f)
 			 f->reply.text);
 	else
 		snprintf(rc->err, sizeof(rc->err), "%s: %s", rc->remote, f->reason);
+	/* bytes right behind the STARTTLS 220 (refused: they could be injected) end the
+	   attempt like a failed handshake: tls=may tries the host again in plaintext */
+	if (f->kind == SMTP_CLIENT_FAIL_PROTOCOL && f->awaiting == SMTP_CLIENT_CMD_STARTTLS) {
+		rc->tls_started = true;
+		snprintf(rc->err, sizeof(rc->err), "%s: TLS handshake failed: %s", rc->remote,
+			 f->reason);
+	}
 	if (rc->c)
 		net_conn_abort(rc->c, -ECONNRESET);
 }
