@@ -274,7 +274,7 @@ static void job_settle(struct job *j, uint8_t st, const char *status, const char
 
 static void acct_raw(struct relay_worker *rw, const char *s, size_t n)
 {
-	if (!rw->acct || rw->acct_len + n > ACCT_BUF)
+	if (!n || !rw->acct || rw->acct_len + n > ACCT_BUF)
 		return;
 	memcpy(rw->acct + rw->acct_len, s, n);
 	rw->acct_len += n;
@@ -286,19 +286,23 @@ static void acct_str(struct relay_worker *rw, const char *key, const char *v, si
 	int k = snprintf(tmp, sizeof(tmp), ",\"%s\":\"", key);
 	acct_raw(rw, tmp, (size_t)k);
 	n = MIN(n, (size_t)2048);
+	size_t run = 0; /* octets that need no escape, copied in one piece */
 	for (size_t i = 0; i < n; i++) {
 		unsigned char ch = (unsigned char)v[i];
+		if (ch != '"' && ch != '\\' && ch >= 0x20 && ch != 0x7f)
+			continue;
+		acct_raw(rw, v + run, i - run);
+		run = i + 1;
 		if (ch == '"' || ch == '\\') {
 			char e[2] = {'\\', (char)ch};
 			acct_raw(rw, e, 2);
-		} else if (ch < 0x20 || ch == 0x7f) {
+		} else {
 			char e[8];
 			snprintf(e, sizeof(e), "\\u%04x", ch);
 			acct_raw(rw, e, 6);
-		} else {
-			acct_raw(rw, (const char *)&v[i], 1);
 		}
 	}
+	acct_raw(rw, v + run, n - run);
 	acct_raw(rw, "\"", 1);
 }
 
