@@ -824,7 +824,7 @@ static void batch_finish(struct spool_worker *sw, int res)
 					e = NULL;
 				}
 			}
-			if (e && sw->hooks.added && sw->hot_bytes + t->body_len <= HOT_MAX) {
+			if (e && sw->hooks.keep_bodies && sw->hot_bytes + t->body_len <= HOT_MAX) {
 				/* the buffers the record was written from stay for delivery */
 				struct spool_hot *h = malloc(sizeof(*h));
 				if (h) {

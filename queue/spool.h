@@ -163,6 +163,11 @@ struct spool_hooks {
 	 * transaction's done callback) or recovered (from spool_worker_announce).
 	 */
 	void (*added)(void *arg, struct spool_entry *e);
+	/*
+	 * Keep a committed message's buffers for spool_entry_take_hot (the relay
+	 * does; a hook that never takes them must not, or they sit in memory).
+	 */
+	bool keep_bodies;
 };
 
 /* Installs the worker's hooks (from the engine's worker init hook). */

@@ -2156,7 +2156,8 @@ int relay_worker_init(struct relay *r, struct net_worker *w)
 		log_err("relay: worker %u: resolver: %s", i, err);
 		return -EINVAL;
 	}
-	spool_worker_set_hooks(rw->sw, &(struct spool_hooks){.added = entry_added}, rw);
+	spool_worker_set_hooks(rw->sw,
+			       &(struct spool_hooks){.added = entry_added, .keep_bodies = true}, rw);
 	spool_worker_announce(rw->sw);
 	pump(rw);
 	return 0;
