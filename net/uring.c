@@ -207,7 +207,8 @@ struct net_worker {
 	struct seg *ref_pool;
 	unsigned ref_pool_n;
 
-	char *fbuf; /* decoded input of a filtered connection, during on_data */
+	char *fbuf;   /* decoded input of a filtered connection, during on_data */
+	char *fstage; /* small plaintext segments gathered into one record (filter_service) */
 
 	/* timers: min-heap by deadline */
 	struct net_timer **heap;
@@ -741,34 +742,64 @@ static void filter_input(struct net_conn *c, const char *p, size_t len)
 }
 
 /*
+ * Encodes len octets of plaintext and moves the result to the socket queue.
+ * 0, or -errno: the filter failed (the connection is closing), or the move
+ * ran out of memory (the connection was aborted).
+ */
+static int filter_encode(struct net_conn *c, const char *p, size_t len)
+{
+	int r = c->fops->write(c->f, p, len);
+	if (r < 0) {
+		filter_fail(c, r);
+		return r;
+	}
+	if (filter_drain(c) < 0) {
+		net_conn_abort(c, -ENOMEM);
+		return -ENOMEM;
+	}
+	return 0;
+}
+
+/*
  * At the end of a loop turn: start a handshake, resume decoding for a
  * protocol that resumed reading, encode the queued plaintext (at most
  * out_high_water ahead of the socket, so referenced bodies are not copied
  * long before they can be sent), queue the close, move output to the socket.
+ *
+ * Each write() is at least one record, and a record costs far more than its
+ * octets at these sizes (an AEAD set-up per record in OpenSSL 3), so small
+ * segments (a client's pipelined commands, a referenced body, the final dot)
+ * are gathered into one buffer and encoded as one record; a segment that does
+ * not fit goes to write() as it is.
  */
 static void filter_service(struct net_conn *c)
 {
 	if (c->fstate == FS_START || ((c->flags & CF_FMORE) && conn_wants_read(c)))
 		filter_pump(c);
 	if (c->fstate == FS_OPEN) {
+		struct net_worker *w = c->w;
 		bool closing = c->flags & (CF_CLOSING | CF_ABORT);
-		size_t ahead = c->w->e->cfg.out_high_water;
+		size_t ahead = w->e->cfg.out_high_water;
+		size_t staged = 0;
+		if (c->plain.head && c->plain.head != c->plain.tail && !w->fstage)
+			w->fstage = malloc(NET_FILTER_READ_MAX); /* without it: a record per segment */
 		while (c->plain.head && (closing || c->pending - c->plain_pending < ahead)) {
 			struct seg *s = c->plain.head;
 			if (s->len) {
-				int r = c->fops->write(c->f, s->ptr, s->len);
-				if (r < 0) {
-					filter_fail(c, r);
-					break;
+				if (w->fstage && staged + s->len <= NET_FILTER_READ_MAX) {
+					memcpy(w->fstage + staged, s->ptr, s->len);
+					staged += s->len;
+				} else {
+					if (staged && filter_encode(c, w->fstage, staged) < 0)
+						goto failed;
+					staged = 0;
+					if (filter_encode(c, s->ptr, s->len) < 0)
+						goto failed;
 				}
 				c->pending -= s->len;
 				c->plain_pending -= s->len;
 				s->ptr += s->len;
 				s->len = 0;
-				if (filter_drain(c) < 0) {
-					net_conn_abort(c, -ENOMEM);
-					return;
-				}
 			}
 			/* an owned chunk may still take appended bytes: keep it if it is the tail */
 			if (s == c->plain.tail && s->cap && s->fill < s->cap)
@@ -776,8 +807,10 @@ static void filter_service(struct net_conn *c)
 			c->plain.head = s->next;
 			if (!c->plain.head)
 				c->plain.tail = NULL;
-			seg_free(c->w, s); /* a reference's release runs once it is encoded */
+			seg_free(w, s); /* a reference's release runs once it is encoded (or staged) */
 		}
+		if (staged && filter_encode(c, w->fstage, staged) < 0)
+			goto failed;
 		if ((c->flags & CF_CLOSING) && c->fstate == FS_OPEN && !c->plain_pending &&
 		    !(c->flags & CF_FCLOSED)) {
 			c->fops->close(c->f);
@@ -787,6 +820,10 @@ static void filter_service(struct net_conn *c)
 		plain_clear(c); /* the handshake never finished: nothing can be encoded */
 	}
 	if (filter_drain(c) < 0)
+		net_conn_abort(c, -ENOMEM);
+	return;
+failed:
+	if (!(c->flags & CF_ABORT) && filter_drain(c) < 0) /* the filter's alert, if any */
 		net_conn_abort(c, -ENOMEM);
 }
 
@@ -1543,6 +1580,8 @@ static void worker_teardown(struct net_worker *w)
 	w->starved = NULL;
 	free(w->fbuf);
 	w->fbuf = NULL;
+	free(w->fstage);
+	w->fstage = NULL;
 	w->bufs = NULL;
 	w->conns = NULL;
 	w->next_free = NULL;

@@ -42,6 +42,17 @@ static const struct net_filter_ops tls_filter_ops;
 
 /* ---- errors ---- */
 
+/*
+ * SSL_get_error needs an empty error queue before each call. ERR_clear_error
+ * walks and frees all the queue's slots even when it is empty (~8 % of a TLS
+ * sink's CPU time in a profile), so clear only what is there.
+ */
+static inline void err_reset(void)
+{
+	if (ERR_peek_error())
+		ERR_clear_error();
+}
+
 /* The OpenSSL reason of the latest error, or `fallback`. Clears the thread's error queue. */
 static const char *ssl_reason(char *buf, size_t len, const char *fallback)
 {
@@ -114,7 +125,7 @@ static int f_input(void *f, const void *data, size_t len)
 static int f_handshake(void *f)
 {
 	struct tls_conn *t = f;
-	ERR_clear_error();
+	err_reset();
 	int r = SSL_do_handshake(t->ssl);
 	if (r == 1) {
 		char peer[INET6_ADDRSTRLEN];
@@ -133,7 +144,13 @@ static long f_read(void *f, void *buf, size_t cap)
 {
 	struct tls_conn *t = f;
 	size_t n;
-	ERR_clear_error();
+	/*
+	 * Nothing buffered, decoded or not: a read could only fail with
+	 * WANT_READ, and would cost a record-layer pass to find that out.
+	 */
+	if (!BIO_ctrl_pending(t->rbio) && !SSL_pending(t->ssl))
+		return 0;
+	err_reset();
 	int r = SSL_read_ex(t->ssl, buf, cap, &n);
 	if (r == 1)
 		return (long)n;
@@ -152,7 +169,7 @@ static int f_write(void *f, const void *data, size_t len)
 {
 	struct tls_conn *t = f;
 	size_t n;
-	ERR_clear_error();
+	err_reset();
 	/* the write BIO grows: a write never waits, and takes everything */
 	if (SSL_write_ex(t->ssl, data, len, &n) == 1 && n == len)
 		return 0;
