@@ -1,5 +1,6 @@
 /*
- * CRC-32C: the SSE4.2 instruction when the CPU has it, slicing-by-8 otherwise.
+ * CRC-32C: the SSE4.2 instruction when the CPU has it (three streams at once
+ * for long buffers), slicing-by-8 otherwise.
  *
  * Slicing-by-8: table[k][b] is the CRC register after feeding octet b followed
  * by k zero octets into a zero register, so eight octets XORed into the
@@ -75,6 +76,82 @@ uint32_t crc32c_sw(uint32_t crc, const void *data, size_t len)
 }
 
 #ifdef CRC32C_HAVE_SSE42
+/*
+ * The crc32 instruction has a latency of three cycles and a throughput of one
+ * per cycle: one dependent chain uses a third of it. So a long buffer is cut
+ * into three streams of BLK octets, run as three independent chains, and
+ * joined: the register after a ++ b is the register after a, moved over
+ * BLK zero octets, XOR the register of b from zero (the register update is
+ * linear). Moving over BLK zeros is itself linear, so it is four table
+ * lookups (shift_*[k][octet k of the register]); the tables are made once,
+ * from the images of the 32 one-bit registers.
+ */
+#define BLK_LONG  4096u /* octets per stream: rounds of 12 KiB */
+#define BLK_SHORT 256u  /* rounds of 768 octets */
+
+static uint32_t shift_long[4][256], shift_short[4][256];
+static pthread_once_t shift_once = PTHREAD_ONCE_INIT;
+
+__attribute__((target("sse4.2"))) static uint32_t zeros_raw(uint32_t c, size_t n)
+{
+	uint64_t r = c;
+	for (; n >= 8; n -= 8)
+		r = _mm_crc32_u64(r, 0);
+	for (; n; n--)
+		r = _mm_crc32_u8((uint32_t)r, 0);
+	return (uint32_t)r;
+}
+
+static void shift_table_make(uint32_t t[4][256], size_t n)
+{
+	uint32_t bit[32];
+	for (unsigned i = 0; i < 32; i++)
+		bit[i] = zeros_raw(1u << i, n);
+	for (unsigned k = 0; k < 4; k++)
+		for (unsigned v = 0; v < 256; v++) {
+			uint32_t x = 0;
+			for (unsigned j = 0; j < 8; j++)
+				if (v & (1u << j))
+					x ^= bit[8 * k + j];
+			t[k][v] = x;
+		}
+}
+
+static void shift_tables_init(void)
+{
+	shift_table_make(shift_long, BLK_LONG);
+	shift_table_make(shift_short, BLK_SHORT);
+}
+
+static inline uint32_t shift(const uint32_t t[4][256], uint32_t c)
+{
+	return t[0][c & 0xff] ^ t[1][(c >> 8) & 0xff] ^ t[2][(c >> 16) & 0xff] ^ t[3][c >> 24];
+}
+
+/* Rounds of 3 x blk octets from *pp while they fit; the raw register in and out. */
+__attribute__((target("sse4.2"))) static inline uint64_t
+crc3(uint64_t c, const unsigned char **pp, size_t *lenp, size_t blk, const uint32_t t[4][256])
+{
+	const unsigned char *p = *pp;
+	size_t len = *lenp;
+	while (len >= 3 * blk) {
+		uint64_t c1 = 0, c2 = 0;
+		const unsigned char *q = p + blk, *r = p + 2 * blk;
+		for (size_t i = 0; i < blk; i += 8) {
+			c = _mm_crc32_u64(c, load_le64(p + i));
+			c1 = _mm_crc32_u64(c1, load_le64(q + i));
+			c2 = _mm_crc32_u64(c2, load_le64(r + i));
+		}
+		c = shift(t, (uint32_t)c) ^ (uint32_t)c1;
+		c = shift(t, (uint32_t)c) ^ (uint32_t)c2;
+		p += 3 * blk;
+		len -= 3 * blk;
+	}
+	*pp = p;
+	*lenp = len;
+	return c;
+}
+
 __attribute__((target("sse4.2"))) static uint32_t crc32c_sse42(uint32_t crc, const void *data,
                                                                size_t len)
 {
@@ -85,6 +162,11 @@ __attribute__((target("sse4.2"))) static uint32_t crc32c_sse42(uint32_t crc, con
 	while (len && ((uintptr_t)p & 7)) {
 		c = _mm_crc32_u8((uint32_t)c, *p++);
 		len--;
+	}
+	if (len >= 3 * BLK_SHORT) {
+		pthread_once(&shift_once, shift_tables_init);
+		c = crc3(c, &p, &len, BLK_LONG, shift_long);
+		c = crc3(c, &p, &len, BLK_SHORT, shift_short);
 	}
 	while (len >= 32) {
 		c = _mm_crc32_u64(c, load_le64(p));
