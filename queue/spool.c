@@ -11,6 +11,18 @@
  * batch is in flight per worker at a time; what is sealed meanwhile forms the
  * next batch, which is what makes the commit a group commit.
  *
+ * Direct I/O: where the file system takes O_DIRECT (and unless the
+ * configuration says buffered_io), the batch is copied once into an aligned
+ * staging buffer and written with O_DIRECT. The page cache copy, the delayed
+ * allocation and the writeback then cost the worker nothing (they were a
+ * quarter of its CPU time on 100 KiB messages, in io_uring's worker threads),
+ * and the sync has only the device to flush. Writes must start and end on
+ * DIO_ALIGN boundaries: a batch starts at the block holding the segment's end
+ * (its first octets rewritten with what they already hold, kept in tailblk)
+ * and ends with zeros up to the next boundary, which the next batch writes
+ * over; readers take zeros at the end of a segment as its end. A clean stop
+ * cuts them off.
+ *
  * A failed or short write leaves garbage past the segment's known end: the
  * segment is truncated back to it and the batch's transactions fail (the SMTP
  * side answers 452/451); the next batch tries again, so service resumes by
@@ -47,6 +59,7 @@
 #define HOT_MAX (64ull << 20) /* bytes of just-committed messages kept in memory, per worker */
 #define COMPACT_AFTER_DEFAULT 30000
 #define COMPACT_BATCH_MAX 4096 /* messages copied per check */
+#define DIO_ALIGN 4096u /* direct I/O: buffer, offset and length alignment (any device's) */
 
 struct body_chunk {
 	struct body_chunk *next;
@@ -105,6 +118,12 @@ struct spool_worker {
 	uint64_t batch_len;
 	struct iovec *iov;
 	unsigned iov_cap;
+	/* direct I/O (see the top): dfd writes the current segment, -1 when buffered */
+	int dfd;
+	uint8_t *stage; /* the batch, aligned, from the block holding offset */
+	size_t stage_cap;
+	uint64_t stage_len; /* what the write must write */
+	uint8_t tailblk[DIO_ALIGN]; /* the segment's octets from align_down(offset) to offset */
 	struct net_io write_io, sync_io;
 	int write_res;
 	bool write_done, sync_wanted;
@@ -386,10 +405,26 @@ static int segment_open_new(struct spool_worker *sw)
 		sw->cur->closed_ms = net_worker_now_ms(sw->w);
 	}
 	sw->cur = g;
+	if (sw->dfd >= 0) {
+		close(sw->dfd);
+		/* the old segment: direct I/O's zeros past its end go (readers stop at them anyway) */
+		if (ftruncate(sw->fd, (off_t)sw->offset) < 0)
+			log_warn("spool: worker %u: cannot cut the previous segment's padding: %s",
+				 sw->index, strerror(errno));
+	}
 	if (sw->fd >= 0)
 		close(sw->fd);
 	sw->fd = fd;
+	sw->dfd = -1;
 	sw->offset = SEGMENT_HEADER_SIZE;
+	if (!sw->sp->cfg.buffered_io) {
+		sw->dfd = openat(sw->dirfd, name, O_WRONLY | O_DIRECT | O_CLOEXEC);
+		if (sw->dfd < 0)
+			log_once(LOG_INFO, "spool: the file system does not take direct I/O (%s); "
+					   "writing through the page cache",
+				 strerror(errno));
+		memcpy(sw->tailblk, hdr, sizeof(hdr)); /* the header: the first block's start */
+	}
 	segs_gc(sw);
 	return 0;
 }
@@ -750,8 +785,13 @@ static void compact_check(struct spool_worker *sw)
 			if (e->state == SPOOL_STATE_HELD || e->state == SPOOL_STATE_DEFERRED)
 				push_state(sw, e->id,
 					   &(struct state_rec){.state = e->state,
+							       .flags = e->flags,
 							       .attempts = e->attempts,
 							       .until_ms = e->until_ms});
+			else if (e->flags) /* queued, with flags: RELEASED reads as queued */
+				push_state(sw, e->id,
+					   &(struct state_rec){.state = SPOOL_STATE_RELEASED,
+							       .flags = e->flags});
 			for (uint32_t k = 0; k < e->nrcpt_done; k++)
 				push_state(sw, e->id,
 					   &(struct state_rec){.state = SPOOL_STATE_RCPT_DONE,
@@ -779,6 +819,13 @@ static void batch_finish(struct spool_worker *sw, int res)
 	struct spool_txn *t = sw->batch;
 	sw->batch = NULL;
 	if (res == 0) {
+		if (sw->dfd >= 0) {
+			/* the last block's octets, for the next batch to start with */
+			uint64_t base = sw->offset & ~(uint64_t)(DIO_ALIGN - 1);
+			uint64_t end = sw->offset + sw->batch_len;
+			uint64_t from = end & ~(uint64_t)(DIO_ALIGN - 1);
+			memcpy(sw->tailblk, sw->stage + (from - base), (size_t)(end - from));
+		}
 		sw->offset += sw->batch_len;
 		sw->stats.bytes += sw->batch_len;
 	} else {
@@ -855,7 +902,7 @@ static void write_done(struct net_io *io, int res)
 {
 	struct spool_worker *sw = container_of(io, struct spool_worker, write_io);
 	sw->write_done = true;
-	if (res >= 0 && (uint64_t)res != sw->batch_len)
+	if (res >= 0 && (uint64_t)res != (sw->dfd >= 0 ? sw->stage_len : sw->batch_len))
 		res = -ENOSPC; /* a short file write: the device is full */
 	sw->write_res = res < 0 ? res : 0;
 	if (sw->sync_wanted && sw->write_res == 0)
@@ -895,6 +942,38 @@ static void batch_timer_fire(struct net_timer *t, struct net_worker *w)
 			sw->sync_inflight = false;
 	}
 	net_timer_start(w, t, sw->sp->cfg.batch_interval_ms);
+}
+
+/*
+ * Direct I/O: copies the batch's n iovecs (len octets, to go at offset) into
+ * the staging buffer after the octets of offset's block that precede it, and
+ * pads it with zeros to the next boundary. 0 or -ENOMEM.
+ */
+static int stage_batch(struct spool_worker *sw, unsigned n, uint64_t len)
+{
+	size_t head = (size_t)(sw->offset & (DIO_ALIGN - 1));
+	size_t total = head + (size_t)len;
+	size_t padded = (total + DIO_ALIGN - 1) & ~(size_t)(DIO_ALIGN - 1);
+	if (padded > sw->stage_cap) {
+		size_t cap = MAX(sw->stage_cap * 2, (size_t)1 << 20);
+		while (cap < padded)
+			cap *= 2;
+		uint8_t *st = aligned_alloc(DIO_ALIGN, cap);
+		if (!st)
+			return -ENOMEM;
+		free(sw->stage);
+		sw->stage = st;
+		sw->stage_cap = cap;
+	}
+	memcpy(sw->stage, sw->tailblk, head);
+	uint8_t *p = sw->stage + head;
+	for (unsigned i = 0; i < n; i++) {
+		memcpy(p, sw->iov[i].iov_base, sw->iov[i].iov_len);
+		p += sw->iov[i].iov_len;
+	}
+	memset(p, 0, padded - total);
+	sw->stage_len = padded;
+	return 0;
 }
 
 void spool_worker_turn_end(struct spool_worker *sw)
@@ -964,8 +1043,19 @@ void spool_worker_turn_end(struct spool_worker *sw)
 	for (struct spool_txn *x = sw->batch; x && !sw->sync_wanted; x = x->next)
 		sw->sync_wanted = x->type == RECORD_MESSAGE && !x->done;
 	sw->stats.writes++;
-	int r = net_file_writev(sw->w, sw->fd, sw->iov, n, sw->offset, &sw->write_io,
-				sw->sync_wanted ? &sw->sync_io : NULL);
+	int r;
+	if (sw->dfd >= 0) {
+		r = stage_batch(sw, n, len);
+		if (r == 0) {
+			sw->iov[0] = (struct iovec){sw->stage, sw->stage_len};
+			r = net_file_writev(sw->w, sw->dfd, sw->iov, 1,
+					    sw->offset & ~(uint64_t)(DIO_ALIGN - 1), &sw->write_io,
+					    sw->sync_wanted ? &sw->sync_io : NULL);
+		}
+	} else {
+		r = net_file_writev(sw->w, sw->fd, sw->iov, n, sw->offset, &sw->write_io,
+				    sw->sync_wanted ? &sw->sync_io : NULL);
+	}
 	if (r < 0)
 		batch_finish(sw, r);
 }
@@ -1093,7 +1183,9 @@ int spool_entry_mark(struct spool_worker *sw, struct spool_entry *e, const struc
 			e->rcpt_done = v; /* the same indices, room for one more */
 		}
 	}
-	struct spool_txn *t = state_txn(sw, e->id, r);
+	struct state_rec rf = *r;
+	rf.flags |= e->flags;
+	struct spool_txn *t = state_txn(sw, e->id, &rf);
 	if (!t)
 		return -ENOMEM;
 	pending_push(sw, t);
@@ -1107,6 +1199,7 @@ int spool_entry_mark(struct spool_worker *sw, struct spool_entry *e, const struc
 		e->rcpt_done[at] = r->rcpt;
 		e->nrcpt_done++;
 	}
+	e->flags = rf.flags;
 	bool was_held = e->state == SPOOL_STATE_HELD;
 	switch (r->state) {
 	case SPOOL_STATE_HELD:
@@ -1150,6 +1243,7 @@ int spool_worker_init(struct spool *sp, struct net_worker *w)
 	sw->w = w;
 	sw->index = i;
 	sw->fd = -1;
+	sw->dfd = -1;
 	sw->write_io.done = write_done;
 	sw->sync_io.done = sync_done;
 	sw->batch_sync_io.done = batch_sync_done;
@@ -1220,6 +1314,17 @@ void spool_worker_fini(struct spool_worker *sw)
 		txn_free(t);
 	}
 	sw->pending_head = sw->pending_tail = NULL;
+	if (sw->dfd >= 0) {
+		close(sw->dfd);
+		sw->dfd = -1;
+		/* direct I/O's zeros past the end (readers stop at them anyway) */
+		if (sw->fd >= 0 && ftruncate(sw->fd, (off_t)sw->offset) < 0)
+			log_warn("spool: worker %u: cannot cut the segment's padding: %s", sw->index,
+				 strerror(errno));
+	}
+	free(sw->stage);
+	sw->stage = NULL;
+	sw->stage_cap = 0;
 	if (sw->fd >= 0) {
 		if (sw->sp->cfg.durability != SPOOL_NONE)
 			fdatasync(sw->fd);
@@ -1770,6 +1875,7 @@ static int build_live(struct spool *sp, struct rec_ctx *c)
 			e->until_ms = st->until_ms;
 			e->attempts = st->attempts;
 		}
+		e->flags = st ? st->flags : 0;
 		if (entry_insert(&sp->workers[owner[si]], e) < 0) {
 			free(e);
 			goto out;

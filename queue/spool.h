@@ -42,6 +42,11 @@ struct spool_config {
 	 * copied forward so it can be removed. Default 30 s; 0 = the default.
 	 */
 	uint64_t compact_after_ms;
+	/*
+	 * Write segments through the page cache even where the file system
+	 * takes direct I/O (O_DIRECT, the default there: see spool.c).
+	 */
+	bool buffered_io;
 };
 
 struct spool_envelope {
@@ -144,6 +149,7 @@ struct spool_entry {
 	uint64_t until_ms; /* DEFERRED: unix ms of the next attempt */
 	uint16_t attempts; /* delivery attempts made so far */
 	uint8_t state;     /* SPOOL_STATE_QUEUED, HELD or DEFERRED */
+	uint8_t flags;     /* STATE_F_* (queue/state.h): set by spool_entry_mark, never cleared */
 	uint32_t nrcpt_done;
 	uint32_t *rcpt_done; /* RCPT_DONE indices (sorted): recovered, and added by
 				spool_entry_mark; NULL when none */
@@ -202,8 +208,10 @@ void spool_hot_free(struct spool_hot *h);
 /*
  * Appends a state record for e with this turn's group commit (r->state one of
  * HELD, RELEASED, DELETED, DELIVERED, BOUNCED, DEFERRED, RCPT_DONE) and
- * updates e. A final state removes e from the live queue and frees it: e is
- * gone when this returns. The record's durability follows the durability
+ * updates e. r->flags are added to e->flags, and the record carries all of
+ * e->flags (flags stay set: every later record of e carries them too, and
+ * recovery restores them). A final state removes e from the live queue and
+ * frees it: e is gone when this returns. The record's durability follows the durability
  * mode; a crash before it is on disk means the message is tried again
  * (at-least-once). 0 or -ENOMEM (e unchanged).
  */

@@ -226,9 +226,9 @@ static void seg_read(struct scan *sc, size_t si, const struct seg *s, const uint
 			if (rec.type == RECORD_MESSAGE) {
 				found_add(sc, si, &rec);
 			} else if (rec.type == RECORD_STATE) {
-				enum spool_state st;
-				if (state_payload_decode(rec.payload, rec.length, &st, NULL) == 0 &&
-				    state_table_add(&sc->states, rec.queue_id, st) < 0)
+				struct state_rec st;
+				if (state_payload_decode_rec(rec.payload, rec.length, &st) == 0 &&
+				    state_table_add_rec(&sc->states, rec.queue_id, &st) < 0)
 					sc->oom = true;
 			}
 			continue;
@@ -275,6 +275,8 @@ static int report(struct scan *sc, const struct seg_list *l,
 		    .msg = &m,
 		    .state = st,
 		};
+		const struct state_entry *se = state_table_find(&sc->states, f->queue_id);
+		it.flags = se ? se->flags : 0;
 		int stop = each(arg, &it);
 		spool_message_free(&m);
 		if (stop)

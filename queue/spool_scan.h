@@ -43,6 +43,7 @@ struct spool_scan_item {
 	size_t length;                   /* payload octets; on disk: record_encoded_size(length) */
 	const struct spool_message *msg; /* decoded payload */
 	enum spool_state state;          /* SPOOL_STATE_QUEUED or SPOOL_STATE_HELD */
+	uint8_t flags;                   /* STATE_F_* of its last state record (queue/state.h) */
 };
 
 /*

@@ -15,6 +15,7 @@ void state_payload_encode_rec(uint8_t out[STATE_PAYLOAD_SIZE], const struct stat
 {
 	memset(out, 0, STATE_PAYLOAD_SIZE);
 	out[0] = (uint8_t)r->state;
+	out[1] = r->flags;
 	out[2] = (uint8_t)(r->attempts & 0xff);
 	out[3] = (uint8_t)(r->attempts >> 8);
 	for (int i = 0; i < 4; i++)
@@ -33,6 +34,7 @@ int state_payload_decode_rec(const uint8_t *p, size_t len, struct state_rec *r)
 	if (len < STATE_PAYLOAD_SIZE || p[0] < SPOOL_STATE_HELD || p[0] > SPOOL_STATE_RCPT_DONE)
 		return -1;
 	r->state = (enum spool_state)p[0];
+	r->flags = p[1];
 	r->attempts = (uint16_t)(p[2] | p[3] << 8);
 	r->rcpt = 0;
 	for (int i = 3; i >= 0; i--)
@@ -75,7 +77,8 @@ int state_table_add_rec(struct state_table *t, uint64_t id, const struct state_r
 					  .order = t->n,
 					  .until_ms = r->until_ms,
 					  .attempts = r->attempts,
-					  .state = (uint8_t)r->state};
+					  .state = (uint8_t)r->state,
+					  .flags = r->flags};
 	t->n++;
 	t->sorted = false;
 	return 0;

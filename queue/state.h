@@ -5,12 +5,19 @@
  *
  * Payload, 16 octets, little-endian (docs/spool.md):
  *
- *   u8 state (enum spool_state) | u8 zero | u16 attempts | u32 recipient |
+ *   u8 state (enum spool_state) | u8 flags | u16 attempts | u32 recipient |
  *   u64 until_ms (unix ms; 0 for none)
  *
  * attempts counts the delivery attempts made so far (DEFERRED); recipient is
  * the index of the envelope recipient a RCPT_DONE record settles. Writers
  * before DEFERRED wrote zeros there, which reads as 0 attempts.
+ *
+ * flags (STATE_F_*) are facts about the message that stay true once set: the
+ * spool writes a message's flags into every state record it writes for it,
+ * so the last record (the one that wins) carries them all. Writers before
+ * flags wrote 0 there (no flag set); readers before flags ignore the octet
+ * (they forget the flags, nothing else). Bits this version does not know are
+ * kept as they are.
  *
  * The record's queue_id is the message's id. State records are applied in
  * (segment sequence, offset) order and the last one for an id wins; one for an
@@ -44,12 +51,16 @@ enum spool_state {
 	SPOOL_STATE_RCPT_DONE = 7,
 };
 
+/* The message's delay DSN (docs/bounces.md) has been sent: no second one. */
+#define STATE_F_DELAY_WARNED 0x01u
+
 /* A decoded state payload. */
 struct state_rec {
 	enum spool_state state;
 	uint16_t attempts;
 	uint32_t rcpt;
 	uint64_t until_ms;
+	uint8_t flags; /* STATE_F_* */
 };
 
 /* Deleted, delivered or bounced: the message will never be looked at again. */
@@ -76,6 +87,7 @@ struct state_entry {
 	uint64_t until_ms;
 	uint16_t attempts;
 	uint8_t state; /* enum spool_state */
+	uint8_t flags; /* STATE_F_*, of that last record */
 };
 
 /* The state records of a spool, added in the order they apply. Zero-initialise. */
@@ -87,7 +99,7 @@ struct state_table {
 
 /* Adds one state record (after the ones added before). 0 or -ENOMEM. */
 int state_table_add(struct state_table *t, uint64_t id, enum spool_state st);
-/* The same with attempts and until. A RCPT_DONE record is not added (returns 0). */
+/* The same with flags, attempts and until. A RCPT_DONE record is not added (returns 0). */
 int state_table_add_rec(struct state_table *t, uint64_t id, const struct state_rec *r);
 
 /* After the last add: keeps the last state of each id, sorted for lookups. */

@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -519,6 +520,17 @@ const struct user *users_find(const struct users *u, const char *addr, size_t le
 	size_t cut = (size_t)(d - key);
 	memmove(key + cut, key + at, len - at);
 	return find_exact(u, key, cut + len - at);
+}
+
+bool users_owns(const struct users *u, const char *login, size_t login_len, const char *addr,
+                size_t len, char delim)
+{
+	const struct user *user = users_find(u, login, login_len, 0);
+
+	/* the login is the user's own address, never an alias */
+	if (!user || user->addr_len != login_len || strncasecmp(user->address, login, login_len))
+		return false;
+	return users_find(u, addr, len, delim) == user;
 }
 
 size_t users_count(const struct users *u)

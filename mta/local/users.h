@@ -78,6 +78,18 @@ struct users *users_load_buffer(const char *name, const char *buf, size_t len, c
  */
 const struct user *users_find(const struct users *u, const char *addr, size_t len, char delim);
 
+/*
+ * Whether the len octets at addr belong to the user whose login (own
+ * address, not an alias) is the login_len octets at login: the address
+ * itself, one of its aliases, or either with a subaddress after delim (as
+ * users_find finds them; an exact entry of another user wins), without ASCII
+ * case. For the sender check of authenticated sessions. False for an
+ * unknown login, an alias as login, an empty addr (the null sender: the
+ * caller decides) and a NULL table.
+ */
+bool users_owns(const struct users *u, const char *login, size_t login_len, const char *addr,
+                size_t len, char delim);
+
 /* Users in the table (aliases not counted); 0 for NULL. */
 size_t users_count(const struct users *u);
 

@@ -59,6 +59,7 @@ static const struct ph_key ph_keys[] = {
     {"command_timeout", PH_K_DURATION, FIELD(command_timeout_ms), 1, DAY_MS, NULL},
     {"data_timeout", PH_K_DURATION, FIELD(data_timeout_ms), 1, DAY_MS, NULL},
     {"spool_reserve", PH_K_SIZE, FIELD(spool_reserve), 0, UINT64_MAX, "no reserve"},
+    {"spool_direct_io", PH_K_BOOL, FIELD(spool_direct_io), 0, 0, NULL},
     {"control_socket", PH_K_PATH, FIELD(control_socket), 0, 0, NULL},
     {"discard", PH_K_BOOL, FIELD(discard), 0, 0, NULL},
     {"delivery", PH_K_BOOL, FIELD(delivery), 0, 0, NULL},
@@ -68,11 +69,19 @@ static const struct ph_key ph_keys[] = {
     {"smtp_auth", PH_K_BOOL, FIELD(smtp_auth), 0, 0, NULL},
     {"smtp_auth_required", PH_K_BOOL, FIELD(smtp_auth_required), 0, 0, NULL},
     {"smtp_auth_without_tls", PH_K_BOOL, FIELD(smtp_auth_without_tls), 0, 0, NULL},
+    {"auth_threads", PH_K_UINT, FIELD(auth_threads), 0, 256, "half the CPUs, at least 1"},
+    {"smtp_sender_login_check", PH_K_BOOL, FIELD(smtp_sender_login_check), 0, 0, NULL},
     /* TLS */
     {"tls_cert", PH_K_PATH, FIELD(tls_cert), 0, 0, "none: no STARTTLS"},
     {"tls_key", PH_K_PATH, FIELD(tls_key), 0, 0, "none"},
     {"submission_listen", PH_K_LISTEN1, FIELD(submission_listen), 0, 0, "none"},
     {"submissions_listen", PH_K_LISTEN1, FIELD(submissions_listen), 0, 0, "none"},
+    /* per-client limits */
+    {"client_connection_limit", PH_K_UINT, FIELD(client_connection_limit), 0, 1000000, "no limit"},
+    {"client_connection_rate", PH_K_RATE, FIELD(client_connection_rate), 1, 365 * DAY_MS, NULL},
+    {"client_message_rate", PH_K_RATE, FIELD(client_message_rate), 1, 365 * DAY_MS, NULL},
+    {"client_limit_exempt_mynetworks", PH_K_BOOL, FIELD(client_limit_exempt_mynetworks), 0, 0,
+     NULL},
     /* delivery */
     {"resolver", PH_K_RESOLVER, FIELD(resolver), 0, 0, "the system's resolv.conf"},
     {"smarthost", PH_K_HOSTS, FIELD(smarthost), 0, 0, "none: deliver by MX"},
@@ -85,6 +94,7 @@ static const struct ph_key ph_keys[] = {
     {"accounting_log", PH_K_PATH, FIELD(accounting_log), 1, 0, NULL},
     {"retry_min", PH_K_DURATION, FIELD(retry_min_ms), 10, DAY_MS, NULL},
     {"retry_max", PH_K_DURATION, FIELD(retry_max_ms), 10, 7 * DAY_MS, NULL},
+    {"delay_warning_time", PH_K_DURATION, FIELD(delay_warning_ms), 0, 365 * DAY_MS, NULL},
     {"connect_timeout", PH_K_DURATION, FIELD(connect_timeout_ms), 1, DAY_MS, NULL},
     {"delivery_active_max", PH_K_UINT, FIELD(delivery_active_max), 1, 1000000, NULL},
     /* the default limits: "delivery_" + a destination's limit names */
@@ -135,10 +145,14 @@ void ph_config_default(struct ph_config *c)
 	c->command_timeout_ms = 300 * 1000;
 	c->data_timeout_ms = 180 * 1000;
 	c->spool_reserve = 256ull << 20;
+	c->spool_direct_io = true;
 	c->discard = false;
 	c->delivery = true;
 	c->log_level = LOG_INFO;
 	c->max_queue_age_ms = 5 * DAY_MS;
+	c->smtp_sender_login_check = true;
+	c->client_connection_limit = 50; /* Postfix's smtpd_client_connection_count_limit */
+	c->client_limit_exempt_mynetworks = true;
 
 	/* delivery: every string and list empty (the memset), except: */
 	snprintf(c->mailbox_root, sizeof(c->mailbox_root), "./var/mail");
@@ -155,6 +169,7 @@ void ph_config_default(struct ph_config *c)
 	c->limits.tls_verify = PH_TLS_VERIFY_NONE;
 	c->retry_min_ms = 5 * 60 * 1000;
 	c->retry_max_ms = 3600 * 1000;
+	c->delay_warning_ms = 4 * 3600 * 1000; /* sendmail's Timeout.queuewarn; Postfix: off */
 	c->connect_timeout_ms = 30 * 1000;
 	c->delivery_active_max = 10000;
 }

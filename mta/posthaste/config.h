@@ -114,6 +114,8 @@ struct ph_config {
 	uint64_t data_timeout_ms;      /* default 180 s */
 	/* refuse new mail when the spool's file system has less free; default 256 MiB */
 	uint64_t spool_reserve;
+	/* write the spool with O_DIRECT where the file system takes it (default yes) */
+	bool spool_direct_io;
 	char control_socket[108]; /* default "" = SPOOL_DIR/control.sock */
 	/* built-in discard route for benchmarks: accept, make durable, then drop */
 	bool discard;
@@ -125,6 +127,9 @@ struct ph_config {
 	bool smtp_auth;             /* offer AUTH PLAIN LOGIN (needs users_file) */
 	bool smtp_auth_required;    /* MAIL before AUTH gets 530 5.7.0 (needs smtp_auth) */
 	bool smtp_auth_without_tls; /* offer AUTH without TLS: passwords in clear (tests only) */
+	unsigned auth_threads;      /* password-check threads; 0 = max(1, CPUs / 2) */
+	/* after AUTH, MAIL FROM must be one of the user's addresses (default yes; docs/auth.md) */
+	bool smtp_sender_login_check;
 	/* TLS (docs/tls.md); "" = none */
 	char tls_cert[4096]; /* PEM: the certificate then its chain; with it STARTTLS is offered */
 	char tls_key[4096];  /* PEM: the private key (may be the tls_cert file) */
@@ -132,6 +137,11 @@ struct ph_config {
 	   TLS, AUTH required) listeners; host "" = none (default) */
 	struct ph_listen submission_listen;
 	struct ph_listen submissions_listen;
+	/* per-client-address limits (docs/smtp-server.md, "Client limits") */
+	unsigned client_connection_limit;     /* open connections; default 50; 0 = none */
+	struct ph_rate client_connection_rate; /* new connections; default unlimited */
+	struct ph_rate client_message_rate;    /* MAIL commands; default unlimited */
+	bool client_limit_exempt_mynetworks;   /* mynetworks clients are not limited; default yes */
 
 	/* ---- delivery (docs/configuration.md, "Delivery") ---- */
 	/* "" = the system's resolv.conf; else "IP:PORT[,IP:PORT...]" normalised: no blanks */
@@ -157,6 +167,9 @@ struct ph_config {
 	unsigned ndests;
 	uint64_t retry_min_ms;       /* first retry after; default 5 min; 10ms..1d */
 	uint64_t retry_max_ms;       /* backoff cap; default 1 h; 10ms..7d, >= retry_min */
+	/* a message still deferred this long after arrival gets one delay DSN (NOTIFY=DELAY or
+	   no NOTIFY; docs/bounces.md); default 4 h; 0 = never; 0..365d */
+	uint64_t delay_warning_ms;
 	uint64_t connect_timeout_ms; /* default 30 s; 1ms..1d */
 	/* default "./var/log/accounting.jsonl"; "none" = off; "-" = standard output */
 	char accounting_log[4096];

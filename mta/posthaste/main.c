@@ -30,9 +30,10 @@
 #include "mta/posthaste/control.h"
 #include "mta/posthaste/queue_cmd.h"
 #include "mta/posthaste/user_cmd.h"
-#include "mta/local/passwd.h"
+#include "mta/local/authpool.h"
 #include "mta/local/users.h"
 #include "mta/relay/relay.h"
+#include "mta/smtp/anvil.h"
 #include "mta/smtp/smtp_server.h"
 #include "net/net.h"
 #include "queue/spool.h"
@@ -47,7 +48,11 @@ struct ph_worker {
 	struct spool_worker *sw;
 	struct relay_worker *rw; /* NULL without delivery */
 	struct relay *relay;
+	struct anvil *anvil; /* per-client limits, shared; NULL when none is set */
 	const char *hostname;
+	struct authpool *authpool; /* AUTH's password checks; NULL when AUTH is not offered */
+	unsigned index;
+	uint64_t auth_busy_log_ms; /* when "queue full" was last logged */
 } cache_aligned;
 
 struct ph_ctx {
@@ -62,6 +67,8 @@ struct ph_ctx {
 	struct ph_worker *workers;
 	struct ph_control *control; /* the control socket */
 	struct tls_ctx *tls;        /* the server's certificate (tls_cert), or NULL */
+	struct anvil *anvil;        /* per-client limits (client_*), or NULL */
+	struct authpool *authpool;  /* the AUTH hashing threads, or NULL */
 };
 
 /* One SMTP transaction on its way into the spool. */
@@ -306,21 +313,119 @@ static unsigned sink_rcpt_check(void *ctx, struct smtp_session *s, const char *a
 	return 550;
 }
 
+/* The client's address as text ("192.0.2.7", "2001:db8::1"), "unknown" for other families. */
+static void peer_text(const struct sockaddr_storage *ss, char *buf, size_t len)
+{
+	const void *a = NULL;
+	if (ss && ss->ss_family == AF_INET)
+		a = &((const struct sockaddr_in *)ss)->sin_addr;
+	else if (ss && ss->ss_family == AF_INET6)
+		a = &((const struct sockaddr_in6 *)ss)->sin6_addr;
+	if (!a || !inet_ntop(ss->ss_family, a, buf, (socklen_t)len))
+		snprintf(buf, len, "unknown");
+}
+
+/* Whether the per-client limits apply to this client (client_limit_exempt_mynetworks). */
+static bool client_limited(const struct ph_worker *pw, const struct sockaddr_storage *peer)
+{
+	return pw->anvil && !(pw->cfg->client_limit_exempt_mynetworks &&
+			      ph_networks_match(pw->nets, pw->nnets, peer));
+}
+
 /*
- * AUTH: the login against the users file. Synchronous: the hash (yescrypt,
- * ~10-50 ms) runs on the worker thread and holds its other connections
- * meanwhile (docs/auth.md); the rate limit bounds how often a client can
- * make it run.
+ * Admission: the client's open connections and connection rate
+ * (client_connection_limit, client_connection_rate), counted across all
+ * workers in the shared table. 421 like Postfix's smtpd.
+ */
+static unsigned sink_connect_check(void *ctx, struct smtp_session *s, char *text, size_t cap)
+{
+	struct ph_worker *pw = ctx;
+	struct net_conn *c = smtp_session_conn(s);
+	const struct sockaddr_storage *peer = net_conn_peer(c);
+	if (!client_limited(pw, peer))
+		return 0;
+	uint32_t ticket;
+	enum anvil_result r =
+		anvil_connect(pw->anvil, peer, net_worker_now_ms(net_conn_worker(c)), &ticket);
+	if (r == ANVIL_OK) {
+		smtp_session_set_sink_data(s, ticket);
+		return 0;
+	}
+	char a[INET6_ADDRSTRLEN];
+	peer_text(peer, a, sizeof(a));
+	log_info("posthaste: connection from %s refused: %s", a,
+		 r == ANVIL_CONN_LIMIT ? "client_connection_limit" : "client_connection_rate");
+	snprintf(text, cap, "4.7.0 %s Error: too many connections from %s", pw->hostname, a);
+	return 421;
+}
+
+static void sink_connect_end(void *ctx, struct smtp_session *s)
+{
+	struct ph_worker *pw = ctx;
+	if (pw->anvil)
+		anvil_disconnect(pw->anvil, (uint32_t)smtp_session_sink_data(s));
+}
+
+/*
+ * The MAIL-time policy. An authenticated user may send only as its own
+ * address, an alias, or either with a +subaddress (smtp_sender_login_check;
+ * the null sender is allowed: bounces and MDNs use it); then the client's
+ * message rate (client_message_rate; 450 4.7.1 like Postfix's smtpd).
+ */
+static unsigned sink_mail_check(void *ctx, struct smtp_session *s, const char *addr, size_t len,
+				char *text, size_t cap)
+{
+	struct ph_worker *pw = ctx;
+	const char *login = smtp_session_auth_user(s);
+	if (login && len && pw->cfg->smtp_sender_login_check &&
+	    !users_owns(pw->users, login, strlen(login), addr, len, USERS_DELIM_DEFAULT)) {
+		snprintf(text, cap, "5.7.1 <%.*s>: Sender address rejected: not owned by user %s",
+			 (int)MIN(len, (size_t)256), addr, login);
+		return 553;
+	}
+	struct net_conn *c = smtp_session_conn(s);
+	const struct sockaddr_storage *peer = net_conn_peer(c);
+	if (client_limited(pw, peer) &&
+	    anvil_message(pw->anvil, peer, net_worker_now_ms(net_conn_worker(c))) != ANVIL_OK) {
+		char a[INET6_ADDRSTRLEN];
+		peer_text(peer, a, sizeof(a));
+		log_info("posthaste: MAIL from %s refused: client_message_rate", a);
+		snprintf(text, cap, "4.7.1 Error: too much mail from %s", a);
+		return 450;
+	}
+	return 0;
+}
+
+/* The answer of the pool's check, on the session's worker: 1, 0, or -errno (-ECANCELED at stop). */
+static void sink_auth_done(void *arg, int res)
+{
+	smtp_session_auth_done(arg, res == 1 ? 235 : res == 0 ? 535 : 454);
+}
+
+/*
+ * AUTH: the login against the users file. The hash (yescrypt, ~10-50 ms)
+ * runs on the authpool's threads, never on the worker (docs/auth.md): the
+ * session waits for sink_auth_done while the worker serves its other
+ * connections. A full queue is answered 454 at once.
  */
 static unsigned sink_auth_check(void *ctx, struct smtp_session *s, const char *authcid,
 				size_t authcid_len, const char *passwd, size_t passwd_len)
 {
 	struct ph_worker *pw = ctx;
-	(void)s;
-	if (!pw->users)
+	if (!pw->users || !pw->authpool)
 		return 454;
-	int r = passwd_verify(pw->users, authcid, authcid_len, passwd, passwd_len, NULL);
-	return r == 1 ? 235 : r == 0 ? 535 : 454;
+	int r = authpool_submit(pw->authpool, pw->index, authcid, authcid_len, passwd, passwd_len,
+				sink_auth_done, s);
+	if (r == 0)
+		return 0;
+	uint64_t now = net_worker_now_ms(net_conn_worker(smtp_session_conn(s)));
+	if (r != -EAGAIN || now - pw->auth_busy_log_ms >= 10000 || !pw->auth_busy_log_ms) {
+		pw->auth_busy_log_ms = now;
+		log_warn("posthaste: AUTH for %.*s answered 454: %s", (int)MIN(authcid_len, (size_t)255),
+			 authcid,
+			 r == -EAGAIN ? "the password-check queue is full (auth_threads)" : strerror(-r));
+	}
+	return 454;
 }
 
 static const struct smtp_sink_ops spool_sink = {
@@ -330,6 +435,9 @@ static const struct smtp_sink_ops spool_sink = {
 	.txn_abort = sink_abort,
 	.rcpt_check = sink_rcpt_check,
 	.auth_check = sink_auth_check,
+	.mail_check = sink_mail_check,
+	.connect_check = sink_connect_check,
+	.connect_end = sink_connect_end,
 };
 
 static int worker_init(struct net_worker *w, void *arg)
@@ -345,6 +453,14 @@ static int worker_init(struct net_worker *w, void *arg)
 	c->workers[i].nets = c->nets;
 	c->workers[i].nnets = c->nnets;
 	c->workers[i].users = c->users;
+	c->workers[i].anvil = c->anvil;
+	c->workers[i].index = i;
+	c->workers[i].authpool = c->authpool;
+	if (c->authpool) {
+		r = authpool_worker_init(c->authpool, w);
+		if (r < 0)
+			return r;
+	}
 	if (c->relay) {
 		r = relay_worker_init(c->relay, w);
 		if (r < 0)
@@ -372,6 +488,8 @@ static void worker_fini(struct net_worker *w, void *arg)
 	struct ph_ctx *c = arg;
 	struct ph_worker *pw = &c->workers[net_worker_index(w)];
 	ph_control_worker_fini(c->control, w);
+	if (pw->authpool)
+		authpool_worker_fini(pw->authpool, w); /* answers its sessions' checks in flight */
 	if (pw->rw)
 		relay_worker_fini(pw->rw);
 	spool_worker_fini(pw->sw);
@@ -395,8 +513,10 @@ static void on_hup(void *arg)
 
 static void ctx_release(struct ph_ctx *c, struct net_engine **e)
 {
+	authpool_free(&c->authpool); /* before the users its threads read */
 	relay_free(&c->relay);
 	users_free(&c->users);
+	anvil_free(&c->anvil);
 	smtp_server_free(&c->srv);
 	tls_ctx_free(&c->tls);
 	spool_close(&c->spool);
@@ -580,6 +700,7 @@ int main(int argc, char **argv)
 		.batch_interval_ms = ctx.cfg.batch_interval_ms,
 		.reserve_bytes = ctx.cfg.spool_reserve,
 		.discard = ctx.cfg.discard,
+		.buffered_io = !ctx.cfg.spool_direct_io,
 	};
 	ctx.spool = spool_open(&scfg, nw, err, sizeof(err));
 	if (!ctx.spool) {
@@ -624,12 +745,41 @@ int main(int argc, char **argv)
 		goto fail;
 	}
 	ctx.nnets = (unsigned)nn;
+	if (ctx.cfg.client_connection_limit || ctx.cfg.client_connection_rate.count ||
+	    ctx.cfg.client_message_rate.count) {
+		struct anvil_config ac = {
+			.conn_limit = ctx.cfg.client_connection_limit,
+			.conn_rate_count = ctx.cfg.client_connection_rate.count,
+			.conn_rate_ms = ctx.cfg.client_connection_rate.per_ms,
+			.msg_rate_count = ctx.cfg.client_message_rate.count,
+			.msg_rate_ms = ctx.cfg.client_message_rate.per_ms,
+		};
+		ctx.anvil = anvil_new(&ac);
+		if (!ctx.anvil) {
+			fprintf(stderr, "posthaste: per-client limits: %s\n", strerror(errno));
+			goto fail;
+		}
+	}
 	if (ctx.cfg.users_file[0]) {
 		ctx.users = users_load(ctx.cfg.users_file, err, sizeof(err));
 		if (!ctx.users) {
 			fprintf(stderr, "posthaste: %s\n", err);
 			goto fail;
 		}
+	}
+	if (ctx.users && (ctx.cfg.smtp_auth || ctx.cfg.submission_listen.host[0] ||
+			  ctx.cfg.submissions_listen.host[0])) {
+		struct authpool_config ac = {
+			.threads = ctx.cfg.auth_threads,
+			.nworkers = nw,
+			.users = ctx.users,
+		};
+		ctx.authpool = authpool_new(&ac, err, sizeof(err));
+		if (!ctx.authpool) {
+			fprintf(stderr, "posthaste: %s\n", err);
+			goto fail;
+		}
+		log_info("posthaste: %u threads check AUTH passwords", authpool_threads(ctx.authpool));
 	}
 	if (!ctx.cfg.discard && ctx.cfg.delivery) {
 		ctx.relay = relay_new(&ctx.cfg, ctx.hostname, ctx.users, ctx.spool, nw, err,

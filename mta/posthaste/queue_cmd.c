@@ -417,6 +417,7 @@ static int cmd_show(const char *spool, const char *idtext)
 struct ctl_msg {
 	uint64_t id;
 	enum spool_state state;
+	uint8_t flags; /* STATE_F_*: carried into the record written, so none is lost */
 };
 
 struct ctl_list {
@@ -435,7 +436,7 @@ static int collect_one(void *arg, const struct spool_scan_item *it)
 		l->v = v;
 		l->cap = cap;
 	}
-	l->v[l->n++] = (struct ctl_msg){it->queue_id, it->state};
+	l->v[l->n++] = (struct ctl_msg){it->queue_id, it->state, it->flags};
 	return 0;
 }
 
@@ -552,7 +553,9 @@ static int ctl_write(const char *spool, const struct ctl_msg *recs, size_t n, ch
 	segment_header_encode(buf, 0, seq, (uint64_t)time(NULL));
 	for (size_t i = 0; i < n; i++) {
 		uint8_t *p = buf + SEGMENT_HEADER_SIZE + i * rec_size;
-		state_payload_encode(p + RECORD_HEADER_SIZE, recs[i].state, 0);
+		state_payload_encode_rec(
+		    p + RECORD_HEADER_SIZE,
+		    &(struct state_rec){.state = recs[i].state, .flags = recs[i].flags});
 		struct iovec iov = {p + RECORD_HEADER_SIZE, STATE_PAYLOAD_SIZE};
 		record_header_encode(p, RECORD_STATE, 0, recs[i].id, &iov, 1);
 	}
@@ -636,7 +639,7 @@ static int cmd_control(const char *spool, const char *verb, char **args, int nar
 				if (spool_state_final(l.v[i].state) ||
 				    ctl_refusal(verb, l.v[i].state))
 					continue;
-				recs[nrecs++] = (struct ctl_msg){l.v[i].id, to};
+				recs[nrecs++] = (struct ctl_msg){l.v[i].id, to, l.v[i].flags};
 				l.v[i].state = to == SPOOL_STATE_RELEASED ? SPOOL_STATE_QUEUED : to;
 				if (nrecs == cap)
 					break;
@@ -660,7 +663,7 @@ static int cmd_control(const char *spool, const char *verb, char **args, int nar
 		}
 		if (nrecs == cap)
 			break;
-		recs[nrecs++] = (struct ctl_msg){m->id, to};
+		recs[nrecs++] = (struct ctl_msg){m->id, to, m->flags};
 		m->state = to == SPOOL_STATE_RELEASED ? SPOOL_STATE_QUEUED : to;
 	}
 	if (nrecs) {

@@ -479,7 +479,8 @@ static const char *action_name(enum dsn_action a)
 
 static const char *rcpt_status(const struct dsn_rcpt *r)
 {
-	if (is_status(r->status))
+	/* a delay is transient by definition (RFC 3464 2.3.4): a 4.x.x status or none */
+	if (is_status(r->status) && (r->action != DSN_ACTION_DELAYED || r->status[0] == '4'))
 		return r->status;
 	switch (r->action) {
 	case DSN_ACTION_FAILED:

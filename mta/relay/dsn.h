@@ -99,8 +99,8 @@ struct dsn_rcpt {
 	size_t orcpt_len;
 	unsigned notify; /* DSN_NOTIFY_* bits; 0: not given (FAILURE and DELAY) */
 	enum dsn_action action;
-	const char *status;     /* NUL-terminated enhanced code "5.1.1"; NULL or malformed:
-	                           5.0.0 / 4.0.0 / 2.0.0 by action */
+	const char *status;     /* NUL-terminated enhanced code "5.1.1"; NULL or malformed
+	                           (for a delay: not 4.x.x): 5.0.0 / 4.0.0 / 2.0.0 by action */
 	const char *remote_mta; /* NUL-terminated host name, or NULL / "" */
 	const char *diag;       /* the remote reply text ("550 5.1.1 ..."), untrusted;
 	                           diag_len 0: no Diagnostic-Code */

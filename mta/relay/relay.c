@@ -140,6 +140,9 @@ struct amsg {
 	unsigned outstanding; /* jobs in flight */
 	char msgid[200];
 	bool expired;
+	/* this attempt reports the still-deferred recipients (the message's delay DSN) */
+	bool warn;
+	unsigned dsn_failed, dsn_delayed; /* recipients the report lists, for the accounting log */
 };
 
 struct rdomain;
@@ -1694,6 +1697,7 @@ static void dsn_committed(void *arg, int res, uint64_t queue_id)
 		for (uint32_t i = 0; i < am->m.nrcpts; i++)
 			if (am->rc[i].fresh && am->rc[i].st == RS_FAIL)
 				am->rc[i].st = RS_DEFER;
+		am->warn = false;
 	} else {
 		am->rw->stats.dsns++;
 		acct_begin(am->rw, "dsn", am->rq->e->id);
@@ -1701,12 +1705,20 @@ static void dsn_committed(void *arg, int res, uint64_t queue_id)
 		spool_id_format(queue_id, idb);
 		acct_cstr(am->rw, "dsn_queue_id", idb);
 		acct_str(am->rw, "recipient", am->m.sender, am->m.sender_len);
+		acct_u64(am->rw, "failed", am->dsn_failed);
+		acct_u64(am->rw, "delayed", am->dsn_delayed);
 		acct_end(am->rw);
 	}
 	finish(am);
 }
 
-/* Queues a bounce for the recipients that failed in this attempt. 1 when it is on its way. */
+/*
+ * Queues one report for the recipients that failed in this attempt and, when
+ * am->warn, the ones still deferred (Action: delayed). 1 when it is on its
+ * way (finish runs from dsn_committed), 0 when none is sent (null sender,
+ * nobody asked for one by NOTIFY, or it cannot be built), -errno when it
+ * could not be queued.
+ */
 static int send_dsn(struct amsg *am)
 {
 	struct relay_worker *rw = am->rw;
@@ -1715,29 +1727,42 @@ static int send_dsn(struct amsg *am)
 	unsigned n = 0;
 	for (uint32_t i = 0; i < am->m.nrcpts; i++)
 		n += am->rc[i].fresh && am->rc[i].st == RS_FAIL;
+	if (am->warn)
+		for (uint32_t i = 0; i < am->m.nrcpts; i++)
+			n += am->rc[i].st == RS_DEFER;
 	struct dsn_rcpt *dr = calloc(n ? n : 1, sizeof(*dr));
 	if (!dr)
 		return -ENOMEM;
 	unsigned k = 0;
 	uint64_t now = wall_ms();
+	am->dsn_failed = am->dsn_delayed = 0;
 	for (uint32_t i = 0; i < am->m.nrcpts; i++) {
 		const struct arcpt *rc = &am->rc[i];
-		if (!rc->fresh || rc->st != RS_FAIL)
+		bool failed = rc->fresh && rc->st == RS_FAIL;
+		bool delayed = am->warn && rc->st == RS_DEFER;
+		if (!failed && !delayed)
 			continue;
 		const struct spool_rcpt *rp = &am->m.rcpts[i];
-		dr[k++] = (struct dsn_rcpt){
+		dr[k] = (struct dsn_rcpt){
 		    .addr = rp->addr,
 		    .addr_len = rp->addr_len,
 		    .orcpt = rp->orcpt,
 		    .orcpt_len = rp->orcpt_len,
 		    .notify = rp->notify,
-		    .action = DSN_ACTION_FAILED,
-		    .status = rc->status,
+		    .action = failed ? DSN_ACTION_FAILED : DSN_ACTION_DELAYED,
+		    .status = rc->status, /* a delay: the last 4xx reply's enhanced code */
 		    .remote_mta = NULL, /* rc->remote is "name[ip]:port": the diagnostic names it */
 		    .diag = rc->diag,
 		    .diag_len = rc->diag ? strlen(rc->diag) : 0,
 		    .last_attempt_ms = now,
+		    /* a delayed recipient is tried until the message expires */
+		    .retry_until_ms = failed ? 0 : am->m.received_ms + rw->r->cfg->max_queue_age_ms,
 		};
+		if (dsn_rcpt_wants(rp->notify, dr[k].action)) {
+			am->dsn_failed += failed;
+			am->dsn_delayed += delayed;
+		}
+		k++;
 	}
 	char idb[17];
 	spool_id_format(am->rq->e->id, idb);
@@ -1851,7 +1876,8 @@ static void finish(struct amsg *am)
 	spool_entry_mark(rw->sw, e,
 			 &(struct state_rec){.state = SPOOL_STATE_DEFERRED,
 					     .attempts = attempts,
-					     .until_ms = wall_ms() + delay});
+					     .until_ms = wall_ms() + delay,
+					     .flags = am->warn ? STATE_F_DELAY_WARNED : 0});
 	/* recipients settled in this attempt are not tried again */
 	uint32_t nd = 0;
 	for (uint32_t i = 0; i < am->m.nrcpts; i++)
@@ -1873,6 +1899,25 @@ static void finish(struct amsg *am)
 	if (heap_push(rw, q) < 0)
 		ready_push(rw, q);
 	pump(rw);
+}
+
+/*
+ * Whether this attempt sends the message's delay DSN (docs/bounces.md): some
+ * recipient is still deferred, the message is at least delay_warning_time
+ * old, it has not had one (STATE_F_DELAY_WARNED, kept in the spool), and it
+ * does not come from the null sender (a DSN, or other automatic mail). Which
+ * recipients it lists is up to their NOTIFY (dsn_rcpt_wants).
+ */
+static bool delay_warning_due(const struct amsg *am, uint64_t now)
+{
+	uint64_t after = am->rw->r->cfg->delay_warning_ms;
+	if (!after || !am->m.sender_len || (am->rq->e->flags & STATE_F_DELAY_WARNED) ||
+	    now < am->m.received_ms + after)
+		return false;
+	for (uint32_t i = 0; i < am->m.nrcpts; i++)
+		if (am->rc[i].st == RS_DEFER)
+			return true;
+	return false;
 }
 
 static void attempt_done(struct amsg *am)
@@ -1910,14 +1955,18 @@ static void attempt_done(struct amsg *am)
 	bool any_fail = false;
 	for (uint32_t i = 0; i < am->m.nrcpts; i++)
 		any_fail |= am->rc[i].fresh && am->rc[i].st == RS_FAIL;
-	if (any_fail) {
+	/* the delay DSN goes in the same report as this attempt's failures, if any */
+	am->warn = delay_warning_due(am, now);
+	if (any_fail || am->warn) {
 		int r = send_dsn(am);
 		if (r == 1)
 			return; /* finish runs when the bounce is queued */
-		if (r < 0)
+		if (r < 0) {
 			for (uint32_t i = 0; i < am->m.nrcpts; i++)
 				if (am->rc[i].fresh && am->rc[i].st == RS_FAIL)
 					am->rc[i].st = RS_DEFER;
+			am->warn = false; /* not sent: the next attempt tries again */
+		}
 	}
 	finish(am);
 }

@@ -11,7 +11,8 @@
  *   a site (one per distinct host list, so domains sharing MX hosts share
  *   connections and limits) -> a connection (mta/smtp/smtp_client) ->
  *   per-recipient results -> DELIVERED / BOUNCED (after a DSN is queued) /
- *   DEFERRED with exponential backoff and jitter, until the maximum age.
+ *   DEFERRED with exponential backoff and jitter, until the maximum age (one
+ *   delay DSN once the message is delay_warning_time old).
  *
  * Limits per site (from the configuration of the domain that created it):
  * concurrent connections, a message rate and a connection rate (token

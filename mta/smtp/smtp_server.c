@@ -225,6 +225,8 @@ struct smtp_session {
 	bool shutdown_asked; /* the engine is stopping: say 421 once the answer is out */
 	bool mail_failed;    /* the last MAIL was refused: the RCPT/DATA pipelined after it
 				are answered 503 without counting as the client's errors */
+	bool admitted;       /* connect_check let it in: connect_end is owed at close */
+	uintptr_t sink_data; /* smtp_session_set_sink_data */
 	uint64_t last_ms;
 	char helo[256];
 
@@ -744,6 +746,18 @@ static void do_mail(struct smtp_session *s, struct smtp_command *cmd)
 	if (consult(s, SMTP_STAGE_MAIL, &v)) {
 		reply_verdict(s, &v, "sender refused");
 		return;
+	}
+	if (s->sw->sink->mail_check) {
+		char text[300];
+		text[0] = '\0';
+		unsigned code = s->sw->sink->mail_check(s->sw->sink_ctx, s, cmd->addr, cmd->addr_len,
+							text, sizeof(text));
+		if (code) {
+			char line[400];
+			int n = snprintf(line, sizeof(line), "%u %s\r\n", code, text);
+			reply_after(s, line, (size_t)MIN(n, (int)sizeof(line) - 1), 0, false);
+			return;
+		}
 	}
 	void *txn = NULL;
 	int r = s->sw->sink->txn_begin(s->sw->sink_ctx, s, &txn);
@@ -1282,6 +1296,16 @@ void smtp_session_set_tls(struct smtp_session *s, bool on)
 		explicit_bzero(s->auth_user, sizeof(s->auth_user));
 }
 
+void smtp_session_set_sink_data(struct smtp_session *s, uintptr_t data)
+{
+	s->sink_data = data;
+}
+
+uintptr_t smtp_session_sink_data(const struct smtp_session *s)
+{
+	return s->sink_data;
+}
+
 const char *smtp_session_auth_user(const struct smtp_session *s)
 {
 	return s->auth_user[0] ? s->auth_user : NULL;
@@ -1534,6 +1558,18 @@ static void on_open(struct net_conn *c, int err)
 		reply_after(s, line, (size_t)k, v.delay_ms, true);
 		return;
 	}
+	if (sw->sink->connect_check) {
+		char text[300];
+		text[0] = '\0';
+		unsigned code = sw->sink->connect_check(sw->sink_ctx, s, text, sizeof(text));
+		if (code) {
+			char line[400];
+			int k = snprintf(line, sizeof(line), "%u %s\r\n", code, text);
+			reply_after(s, line, (size_t)MIN(k, (int)sizeof(line) - 1), v.delay_ms, true);
+			return;
+		}
+		s->admitted = true;
+	}
 	reply_after(s, srv->greeting, srv->greeting_len, v.delay_ms, false);
 }
 
@@ -1568,6 +1604,8 @@ static void on_close(struct net_conn *c, int err)
 	smtp_parser_deinit(&s->parser);
 	if (s->sw->sink->session_close)
 		s->sw->sink->session_close(s->sw->sink_ctx);
+	if (s->admitted && s->sw->sink->connect_end)
+		s->sw->sink->connect_end(s->sw->sink_ctx, s);
 	s->conn_gone = true;
 	if (s->waiting_txn || s->waiting_auth)
 		return; /* freed by smtp_session_txn_done / smtp_session_auth_done */

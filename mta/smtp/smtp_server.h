@@ -114,6 +114,16 @@ struct smtp_sink_ops {
 	unsigned (*rcpt_check)(void *ctx, struct smtp_session *s, const char *addr, size_t len,
 			       char *text, size_t cap);
 	/*
+	 * Optional: a check of the sender (after MAIL's syntax, the AUTH
+	 * requirement and the verdict; addr is "" for the null sender <>), e.g.
+	 * whether an authenticated user may send as it: 0 accepts it; else the
+	 * reply code, with the reply's text in text as for rcpt_check, e.g.
+	 * "5.7.1 <eve@example.com>: Sender address rejected: not owned by user
+	 * alice@example.com". Not counted as a protocol error.
+	 */
+	unsigned (*mail_check)(void *ctx, struct smtp_session *s, const char *addr, size_t len,
+			       char *text, size_t cap);
+	/*
 	 * Optional, needed for AUTH (without it AUTH gets 454 4.7.0): checks a
 	 * login. authcid and passwd are NUL-terminated, valid only during the
 	 * call, and secret: an implementation that keeps them (to answer later)
@@ -129,6 +139,18 @@ struct smtp_sink_ops {
 	 * SMTP_STAGE_CONNECT verdict; the bench sink counts open connections).
 	 */
 	void (*session_close)(void *ctx);
+	/*
+	 * Optional: admission of a new connection (after a CONNECT verdict that
+	 * let it in, before the greeting), e.g. per-client limits. 0 admits it,
+	 * and connect_end is called once when it closes; else the reply code
+	 * (421, 554), with the reply's text in text (cap octets, NUL-terminated),
+	 * e.g. "4.7.0 mx.example.org Error: too many connections from
+	 * 192.0.2.7": sent in place of the greeting, then the connection closes.
+	 */
+	unsigned (*connect_check)(void *ctx, struct smtp_session *s, char *text, size_t cap);
+	/* Optional: a connection that connect_check admitted closed (smtp_session_sink_data holds
+	   what the sink kept for it). */
+	void (*connect_end)(void *ctx, struct smtp_session *s);
 };
 
 struct tls_ctx;
@@ -241,6 +263,14 @@ void smtp_session_auth_done(struct smtp_session *s, unsigned code);
  * resets the rest of the session itself (EHLO again).
  */
 void smtp_session_set_tls(struct smtp_session *s, bool on);
+
+/*
+ * One word of the sink's own per session (0 until set), e.g. what
+ * connect_check reserved for connect_end to release. On the session's worker
+ * thread.
+ */
+void smtp_session_set_sink_data(struct smtp_session *s, uintptr_t data);
+uintptr_t smtp_session_sink_data(const struct smtp_session *s);
 
 /*
  * The identity the client authenticated as (its authcid, as the users file

@@ -12,7 +12,9 @@
  * Invariants: every record returned lies within the buffer, right after its
  * header, and its checksum verifies (recomputed with the table code); offsets
  * strictly increase; 0 comes only before nothing but zero octets; resync
- * moves forward in 8-octet steps onto a record that then decodes.
+ * moves forward in 8-octet steps onto a record that then decodes. A state
+ * record's payload that decodes (queue/state.h) encodes back to the same 16
+ * octets (every octet is a field: state, flags, attempts, recipient, until).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -21,6 +23,7 @@
 #include "core/compiler.h"
 #include "queue/crc32c.h"
 #include "queue/record.h"
+#include "queue/state.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
@@ -53,6 +56,13 @@ static void check_record(const uint8_t *buf, size_t size, const struct record *r
 	if (r->type !=
 	    (r->raw_type >= 1 && r->raw_type <= 3 ? (enum record_type)r->raw_type : RECORD_UNKNOWN))
 		abort();
+	struct state_rec s;
+	if (r->type == RECORD_STATE && state_payload_decode_rec(r->payload, r->length, &s) == 0) {
+		uint8_t again[STATE_PAYLOAD_SIZE];
+		state_payload_encode_rec(again, &s);
+		if (memcmp(again, r->payload, STATE_PAYLOAD_SIZE) != 0)
+			abort();
+	}
 }
 
 /*

@@ -12,12 +12,16 @@ Run inside a private network namespace (only 127.0.0.1 is used):
         tests/integration/test_auth.py'
 """
 import base64
+import ctypes
+import ctypes.util
 import os
+import select
 import shutil
 import signal
 import smtplib
 import stat
 import subprocess
+import time
 
 import pytest
 
@@ -76,8 +80,8 @@ class Daemon:
         with open(self.err_path, "rb") as f:
             return f.read().decode("utf-8", "replace")
 
-    def dialogue(self):
-        return phtest.Dialogue("127.0.0.1", self.port)
+    def dialogue(self, name="client"):
+        return phtest.Dialogue("127.0.0.1", self.port, name=name)
 
     def stop(self):
         if self.proc.poll() is None:
@@ -339,6 +343,200 @@ def test_submission_requires_auth(daemon, users):
     c.cmd("QUIT", "221")
     c.close()
     d.stop()
+
+
+# ---------------------------------------------------------------- checks off the worker
+
+SLOW, BUSY = "slow@example.org", "busy@example.org"
+
+
+def yescrypt_hash(password, cost):
+    """A yescrypt hash at `cost` (crypt_gensalt's count: `posthaste user` uses 5, ~20 ms;
+    each step doubles time and memory), through libcrypt with ctypes."""
+    name = ctypes.util.find_library("crypt") or "libcrypt.so.1"
+    try:
+        lib = ctypes.CDLL(name)
+        lib.crypt_gensalt.restype = ctypes.c_char_p
+        lib.crypt_gensalt.argtypes = [ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p,
+                                      ctypes.c_int]
+        lib.crypt.restype = ctypes.c_char_p
+        lib.crypt.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    except (OSError, AttributeError) as e:
+        pytest.skip("no libxcrypt to make a costly hash with: %s" % e)
+    setting = lib.crypt_gensalt(b"$y$", cost, None, 0)
+    h = lib.crypt(password.encode(), setting) if setting else None
+    if not h or not h.startswith(b"$y$"):
+        pytest.skip("this libcrypt has no yescrypt")
+    return h.decode()
+
+
+@pytest.fixture(scope="module")
+def costly_hashes():
+    """SLOW: cost 8 (~150 ms, 128 MiB), BUSY: cost 7 (~75 ms), both with PASSWORD."""
+    return {SLOW: yescrypt_hash(PASSWORD, 8), BUSY: yescrypt_hash(PASSWORD, 7)}
+
+
+@pytest.fixture
+def costly_users(users, costly_hashes):
+    with open(users, "a") as f:
+        for user, h in costly_hashes.items():
+            f.write("%s:%s\n" % (user, h))
+    return users
+
+
+def single_thread_daemon(daemon, users):
+    # one worker holds every connection; one hashing thread makes the checks queue up
+    return daemon(users, extra="smtp_auth_without_tls = yes\nauth_threads = 1\n")
+
+
+def test_password_check_does_not_hold_the_worker(daemon, costly_users):
+    d = single_thread_daemon(daemon, costly_users)
+    # the cost of one check of SLOW's hash, alone
+    c = d.dialogue()
+    ehlo(c)
+    t0 = time.monotonic()
+    c.cmd("AUTH PLAIN " + plain(user=SLOW), "235 2.7.0")
+    t_auth = time.monotonic() - t0
+    c.close()
+    if t_auth < 0.05:
+        pytest.skip("a cost-8 yescrypt check took only %.3f s here: too fast to tell" % t_auth)
+
+    # three clients authenticate at once (three checks in a row on one thread) while
+    # another client of the same worker goes on with NOOPs
+    authing = [d.dialogue(name="auth%d" % i) for i in range(3)]
+    other = d.dialogue(name="noop")
+    for x in authing + [other]:
+        ehlo(x)
+    for x in authing:
+        x.send("AUTH PLAIN " + plain(user=SLOW))
+    t_send = time.monotonic()
+    rtts, done_at, pending = [], [], list(authing)
+    while pending and time.monotonic() < t_send + 60:
+        t = time.monotonic()
+        other.cmd("NOOP", "250")
+        rtts.append(time.monotonic() - t)
+        ready, _, _ = select.select([x.sock for x in pending], [], [], 0)
+        for x in [x for x in pending if x.sock in ready]:
+            x.expect("235 2.7.0")
+            done_at.append(time.monotonic() - t_send)
+            pending.remove(x)
+    assert not pending, "AUTH answers missing after 60 s"
+    rtts.sort()
+    median, worst = rtts[len(rtts) // 2], rtts[-1]
+    info = "one check %.3f s, all three %.3f s; %d NOOPs, median %.4f s, worst %.4f s" % (
+        t_auth, max(done_at), len(rtts), median, worst)
+    # a check on the worker would hold each NOOP for up to a whole check
+    assert len(rtts) >= 10, info
+    assert median < t_auth / 10 and worst < t_auth / 2, info
+    for x in authing + [other]:
+        x.cmd("QUIT", "221")
+        x.close()
+    d.stop()
+
+
+def test_full_check_queue_answers_454_at_once(daemon, costly_users):
+    # one thread: 1 check running + 32 waiting; the rest is refused without waiting
+    d = single_thread_daemon(daemon, costly_users)
+    n = 40
+    conns = [d.dialogue(name="c%d" % i) for i in range(n)]
+    for c in conns:
+        ehlo(c)
+    for c in conns:
+        c.send("AUTH PLAIN " + plain(user=BUSY))
+    t_send = time.monotonic()
+    arrived, pending = {}, list(conns)
+    while pending and time.monotonic() < t_send + 120:
+        ready, _, _ = select.select([c.sock for c in pending], [], [], 1.0)
+        for c in [c for c in pending if c.sock in ready]:
+            r = c.read_reply()
+            arrived[c] = (r.code, time.monotonic() - t_send, r)
+            pending.remove(c)
+    assert not pending, "AUTH answers missing after 120 s"
+    codes = [v[0] for v in arrived.values()]
+    assert set(codes) <= {235, 454}, arrived
+    refused = [v for v in arrived.values() if v[0] == 454]
+    accepted = [v for v in arrived.values() if v[0] == 235]
+    # 32 wait, plus the one running if the thread took it before the 33rd AUTH arrived
+    # (it may not have: the AUTHs arrive together)
+    assert refused and 32 <= len(accepted) <= 33, codes
+    for _, _, r in refused:
+        assert r.lines[0].startswith("4.7.0"), r
+    # the refusals did not wait for the checks ahead of them
+    last_ok = max(t for _, t, _ in accepted)
+    assert max(t for _, t, _ in refused) < last_ok / 4, sorted((c, round(t, 3)) for c, t, _ in
+                                                               arrived.values())
+    # a 454 is not a failed login: the same address still logs in
+    conns[0].close()
+    c = d.dialogue()
+    ehlo(c)
+    c.cmd("AUTH PLAIN " + plain(), "235 2.7.0")
+    c.close()
+    for x in conns[1:]:
+        x.close()
+    d.stop()
+    assert "password-check queue is full" in d.log()
+
+
+def test_disconnect_and_stop_with_checks_in_flight(daemon, costly_users):
+    d = single_thread_daemon(daemon, costly_users)
+    # clients that leave while their checks wait or run
+    for i in range(3):
+        c = d.dialogue(name="gone%d" % i)
+        ehlo(c)
+        c.send("AUTH PLAIN " + plain(user=SLOW))
+        c.abort() if i % 2 else c.close()
+    waiting = []
+    for i in range(2):
+        c = d.dialogue(name="waiting%d" % i)
+        ehlo(c)
+        c.send("AUTH PLAIN " + plain(user=SLOW))
+        waiting.append(c)
+    other = d.dialogue()
+    ehlo(other)
+    other.cmd("NOOP", "250")
+    # SIGTERM with five checks queued: the waiting sessions get their answer, then 421
+    d.stop()  # exit 0: nothing leaked or used after free (the sanitizer build checks)
+    for c in waiting:
+        got = c.expect_closed(allowed="xxx")
+        assert [r.code for r in got] == [235, 421], got
+        c.close()
+    other.expect_closed(allowed="421")
+    other.close()
+
+
+def test_stop_cancels_checks_still_queued(daemon, users):
+    # more checks queued than the shutdown grace (5 s) can run: at its end the connections
+    # are cut and the worker cancels the rest (the running one finishes on its thread)
+    glacial = "glacial@example.org"
+    with open(users, "a") as f:
+        f.write("%s:%s\n" % (glacial, yescrypt_hash(PASSWORD, 9)))  # ~0.4 s, 256 MiB
+    d = single_thread_daemon(daemon, users)
+    c = d.dialogue()
+    ehlo(c)
+    t0 = time.monotonic()
+    c.cmd("AUTH PLAIN " + plain(user=glacial), "235 2.7.0")
+    t_auth = time.monotonic() - t0
+    c.close()
+    n = min(33, int(8.0 / t_auth) + 2)  # 1 running + at most 32 waiting
+    if n * t_auth < 7.0:
+        pytest.skip("checks too fast here (%.3f s) to outlast the shutdown grace" % t_auth)
+    conns = [d.dialogue(name="c%d" % i) for i in range(n)]
+    for c in conns:
+        ehlo(c)
+    for c in conns:
+        c.send("AUTH PLAIN " + plain(user=glacial))
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    d.stop()  # exit 0: nothing leaked or used after free (the sanitizer build checks)
+    assert time.monotonic() - t0 < 15
+    answered = cut = 0
+    for c in conns:
+        got = [r.code for r in c.expect_closed(allowed="xxx")]
+        assert got in ([235, 421], []), got
+        answered += got == [235, 421]
+        cut += got == []
+        c.close()
+    assert answered >= 1 and cut >= 1, (answered, cut)
 
 
 # ---------------------------------------------------------------- real clients

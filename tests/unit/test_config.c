@@ -525,6 +525,7 @@ static bool ph_equal(const struct ph_config *a, const struct ph_config *b)
 	       a->recipient_limit == b->recipient_limit &&
 	       a->command_timeout_ms == b->command_timeout_ms &&
 	       a->data_timeout_ms == b->data_timeout_ms && a->spool_reserve == b->spool_reserve &&
+	       a->spool_direct_io == b->spool_direct_io &&
 	       strcmp(a->control_socket, b->control_socket) == 0 && a->discard == b->discard &&
 	       a->log_level == b->log_level && a->max_queue_age_ms == b->max_queue_age_ms &&
 	       memcmp((const char *)a + tail, (const char *)b + tail, sizeof(*a) - tail) == 0;
@@ -558,6 +559,7 @@ __attribute__((noinline)) static char *ph_printed(const struct ph_config *c)
 	"accounting_log = ./var/log/accounting.jsonl\n"                                            \
 	"retry_min = 5m\n"                                                                         \
 	"retry_max = 1h\n"                                                                         \
+	"delay_warning_time = 4h\n"                                                                \
 	"connect_timeout = 30s\n"                                                                  \
 	"delivery_active_max = 10000\n"                                                            \
 	"delivery_concurrency = 20\n"                                                              \
@@ -581,6 +583,7 @@ static const char default_printed[] = "# posthaste: the effective configuration\
                                       "command_timeout = 5m\n"
                                       "data_timeout = 3m\n"
                                       "spool_reserve = 256M\n"
+                                      "spool_direct_io = yes\n"
                                       "control_socket = \"\" # ./var/spool/control.sock\n"
                                       "discard = no\n"
                                       "delivery = yes\n"
@@ -589,10 +592,16 @@ static const char default_printed[] = "# posthaste: the effective configuration\
                                       "smtp_auth = no\n"
                                       "smtp_auth_required = no\n"
                                       "smtp_auth_without_tls = no\n"
+                                      "auth_threads = 0 # half the CPUs, at least 1\n"
+                                      "smtp_sender_login_check = yes\n"
                                       "tls_cert = \"\" # none: no STARTTLS\n"
                                       "tls_key = \"\" # none\n"
                                       "submission_listen = none\n"
-                                      "submissions_listen = none\n" DELIVERY_DEFAULTS_PRINTED;
+                                      "submissions_listen = none\n"
+                                      "client_connection_limit = 50\n"
+                                      "client_connection_rate = unlimited\n"
+                                      "client_message_rate = unlimited\n"
+                                      "client_limit_exempt_mynetworks = yes\n" DELIVERY_DEFAULTS_PRINTED;
 
 static void test_ph_defaults(void **state)
 {
@@ -637,9 +646,17 @@ static void test_ph_defaults(void **state)
 	assert_int_equal(c.ndests, 0);
 	assert_int_equal(c.retry_min_ms, 300000);
 	assert_int_equal(c.retry_max_ms, 3600000);
+	assert_int_equal(c.delay_warning_ms, 4ull * 3600000);
 	assert_int_equal(c.connect_timeout_ms, 30000);
 	assert_string_equal(c.accounting_log, "./var/log/accounting.jsonl");
 	assert_int_equal(c.delivery_active_max, 10000);
+	assert_true(c.smtp_sender_login_check);
+	assert_int_equal(c.client_connection_limit, 50);
+	assert_int_equal(c.client_connection_rate.count, 0);
+	assert_int_equal(c.client_connection_rate.per_ms, 0);
+	assert_int_equal(c.client_message_rate.count, 0);
+	assert_int_equal(c.client_message_rate.per_ms, 0);
+	assert_true(c.client_limit_exempt_mynetworks);
 	assert_int_equal(ph_config_check(&c, err, sizeof(err)), 0);
 
 	/* every octet is written: two defaults compare equal with memcmp */
@@ -727,6 +744,7 @@ static const struct set_case set_cases[] = {
     {"spool_reserve", "1G", "spool_reserve = 1G\n", NULL},
     {"spool_reserve", "0", "spool_reserve = 0 # no reserve\n", NULL},
     {"spool_reserve", "lots", NULL, "spool_reserve: invalid size 'lots' " SIZE_HINT},
+    {"spool_direct_io", "no", "spool_direct_io = no\n", NULL},
     {"control_socket", "/run/posthaste.sock", "control_socket = /run/posthaste.sock\n", NULL},
     {"control_socket",
      "/0123456789012345678901234567890123456789012345678901234567890123456789012345678901234567"
@@ -866,6 +884,10 @@ static const struct set_case set_cases[] = {
     {"retry_min", "9ms", NULL, "retry_min: 9ms is out of range (10ms to 1d)"},
     {"retry_max", "2h", "retry_max = 2h\n", NULL},
     {"retry_max", "8d", NULL, "retry_max: 8d is out of range (10ms to 7d)"},
+    {"delay_warning_time", "0", "delay_warning_time = 0s\n", NULL},
+    {"delay_warning_time", "500ms", "delay_warning_time = 500ms\n", NULL},
+    {"delay_warning_time", "365d", "delay_warning_time = 365d\n", NULL},
+    {"delay_warning_time", "366d", NULL, "delay_warning_time: 366d is out of range (0s to 365d)"},
     {"connect_timeout", "10s", "connect_timeout = 10s\n", NULL},
     {"connect_timeout", "0", NULL, "connect_timeout: 0s is out of range (1ms to 1d)"},
     {"delivery_active_max", "1", "delivery_active_max = 1\n", NULL},
@@ -964,6 +986,23 @@ static const struct set_case set_cases[] = {
      "submissions_listen: invalid address 'nowhere' (expected HOST:PORT, [IPV6]:PORT or :PORT)"},
     {"submission_listen", "mx.example:587", NULL,
      "submission_listen: 'mx.example' is not an IPv4 or IPv6 address"},
+    {"smtp_sender_login_check", "no", "smtp_sender_login_check = no\n", NULL},
+    {"smtp_sender_login_check", "maybe", NULL,
+     "smtp_sender_login_check: invalid boolean 'maybe' (expected yes, no, true, false, on, off, "
+     "1 or 0)"},
+    {"client_connection_limit", "10", "client_connection_limit = 10\n", NULL},
+    {"client_connection_limit", "0", "client_connection_limit = 0 # no limit\n", NULL},
+    {"client_connection_limit", "1000001", NULL,
+     "client_connection_limit: number '1000001' is out of range (0 to 1000000)"},
+    {"client_connection_rate", "100/m", "client_connection_rate = 100/m\n", NULL},
+    {"client_connection_rate", "unlimited", "client_connection_rate = unlimited\n", NULL},
+    {"client_connection_rate", "10", NULL,
+     "client_connection_rate: invalid rate '10' " RATE_HINT},
+    {"client_message_rate", "6000/h", "client_message_rate = 6000/h\n", NULL},
+    {"client_message_rate", "5/10s", "client_message_rate = 5/10s\n", NULL},
+    {"client_message_rate", "1/366d", NULL,
+     "client_message_rate: rate '1/366d': the period 366d is out of range (1ms to 365d)"},
+    {"client_limit_exempt_mynetworks", "off", "client_limit_exempt_mynetworks = no\n", NULL},
 };
 
 static void test_ph_set(void **state)
@@ -1626,6 +1665,7 @@ static const struct load_case load_cases[] = {
      "command_timeout = 5m\n"
      "data_timeout = 10m\n"
      "spool_reserve = 1G\n"
+     "spool_direct_io = no\n"
      "control_socket = /run/posthaste/control.sock\n"
      "discard = no\n"
      "log_level = warning\n"
@@ -1633,10 +1673,16 @@ static const struct load_case load_cases[] = {
      "smtp_auth = yes\n"
      "smtp_auth_required = on\n"
      "smtp_auth_without_tls = true\n"
+     "auth_threads = 2\n"
+     "smtp_sender_login_check = off\n"
      "tls_cert = /etc/posthaste/cert.pem\n"
      "tls_key = /etc/posthaste/key.pem\n"
      "submission_listen = 127.0.0.1:587\n"
      "submissions_listen = [::]:465\n"
+     "client_connection_limit = 0\n"
+     "client_connection_rate = 60/60s\n"
+     "client_message_rate = 3/250ms\n"
+     "client_limit_exempt_mynetworks = no\n"
      "resolver = 127.0.0.1:5353, [::1]:53\n"
      "smarthost = [192.0.2.25]:2526\n"
      "route.example.com = [127.0.0.1]:2526,[::1]:2526\n"
@@ -1649,6 +1695,7 @@ static const struct load_case load_cases[] = {
      "accounting_log = -\n"
      "retry_min = 10ms\n"
      "retry_max = 2h\n"
+     "delay_warning_time = 30m\n"
      "connect_timeout = 10s\n"
      "delivery_active_max = 500\n"
      "delivery_concurrency = 4\n"
@@ -1674,6 +1721,7 @@ static const struct load_case load_cases[] = {
      "command_timeout = 5m\n"
      "data_timeout = 10m\n"
      "spool_reserve = 1G\n"
+     "spool_direct_io = no\n"
      "control_socket = /run/posthaste/control.sock\n"
      "discard = no\n"
      "delivery = yes\n"
@@ -1682,10 +1730,16 @@ static const struct load_case load_cases[] = {
      "smtp_auth = yes\n"
      "smtp_auth_required = yes\n"
      "smtp_auth_without_tls = yes\n"
+     "auth_threads = 2\n"
+     "smtp_sender_login_check = no\n"
      "tls_cert = /etc/posthaste/cert.pem\n"
      "tls_key = /etc/posthaste/key.pem\n"
      "submission_listen = 127.0.0.1:587\n"
      "submissions_listen = [::]:465\n"
+     "client_connection_limit = 0 # no limit\n"
+     "client_connection_rate = 60/m\n"
+     "client_message_rate = 3/250ms\n"
+     "client_limit_exempt_mynetworks = no\n"
      "resolver = 127.0.0.1:5353,[::1]:53\n"
      "smarthost = [192.0.2.25]:2526\n"
      "route.example.com = [127.0.0.1]:2526,[::1]:2526\n"
@@ -1698,6 +1752,7 @@ static const struct load_case load_cases[] = {
      "accounting_log = -\n"
      "retry_min = 10ms\n"
      "retry_max = 2h\n"
+     "delay_warning_time = 30m\n"
      "connect_timeout = 10s\n"
      "delivery_active_max = 500\n"
      "delivery_concurrency = 4\n"

@@ -9,7 +9,8 @@
  * headers only, NOTIFY filtering, ORCPT and ENVID decoding, injection
  * attempts through the remote reply (CR, LF, NUL, a forged boundary), a
  * boundary that occurs in the returned message, the SMTPUTF8 variant,
- * 5000 recipients, delay reports, and bad arguments.
+ * 5000 recipients, delay reports (alone and with a failure, by NOTIFY), and
+ * bad arguments.
  *
  * DSN_TEST_OUT=file writes the rich failure report to file, for checking
  * with another MIME parser by hand.
@@ -789,6 +790,130 @@ static void test_delayed(void **state)
 	report_free(&r);
 }
 
+/* Which recipients a delay report lists, by NOTIFY (no NOTIFY: FAILURE and DELAY, as Postfix). */
+static void test_delayed_notify(void **state)
+{
+	(void)state;
+	static const struct {
+		const char *name;
+		unsigned notify;
+		bool listed;
+	} cases[] = {
+	    {"not given", 0, true},
+	    {"DELAY", DSN_NOTIFY_DELAY, true},
+	    {"FAILURE,DELAY", DSN_NOTIFY_FAILURE | DSN_NOTIFY_DELAY, true},
+	    {"SUCCESS,DELAY", DSN_NOTIFY_SUCCESS | DSN_NOTIFY_DELAY, true},
+	    {"NEVER", DSN_NOTIFY_NEVER, false},
+	    {"FAILURE", DSN_NOTIFY_FAILURE, false},
+	    {"SUCCESS", DSN_NOTIFY_SUCCESS, false},
+	    {"SUCCESS,FAILURE", DSN_NOTIFY_SUCCESS | DSN_NOTIFY_FAILURE, false},
+	};
+	for (size_t i = 0; i < ARRAY_SIZE(cases); i++) {
+		struct dsn_message m;
+		struct dsn_rcpt rc;
+		base_message(&m);
+		base_rcpt(&rc, "bob@example.net");
+		rc.action = DSN_ACTION_DELAYED;
+		rc.status = "4.2.2";
+		rc.notify = cases[i].notify;
+		assert_int_equal(dsn_rcpt_wants(rc.notify, DSN_ACTION_DELAYED), cases[i].listed);
+		assert_int_equal(dsn_should_send(m.sender, m.sender_len, &rc, 1), cases[i].listed);
+		char *out = (char *)1;
+		size_t len = 1;
+		int r = dsn_build(&m, &rc, 1, &out, &len);
+		if (!cases[i].listed) {
+			if (r != -ENOENT)
+				fail_msg("NOTIFY=%s: %d, want -ENOENT", cases[i].name, r);
+			assert_null(out);
+			assert_int_equal(len, 0);
+			continue;
+		}
+		if (r != 0)
+			fail_msg("NOTIFY=%s: %d", cases[i].name, r);
+		free(out);
+	}
+	/* never to the null sender, whatever the recipient asked */
+	struct dsn_message m;
+	struct dsn_rcpt rc;
+	base_message(&m);
+	base_rcpt(&rc, "bob@example.net");
+	rc.action = DSN_ACTION_DELAYED;
+	rc.notify = DSN_NOTIFY_DELAY;
+	m.sender = "";
+	m.sender_len = 0;
+	assert_false(dsn_should_send(m.sender, m.sender_len, &rc, 1));
+	char *out;
+	size_t len;
+	assert_int_equal(dsn_build(&m, &rc, 1, &out, &len), -EINVAL);
+}
+
+/*
+ * One report for an attempt with a failure and a delay (the relay's combined
+ * report): both blocks, the failure decides the subject and the returned
+ * content, Will-Retry-Until only in the delayed block; a recipient that asked
+ * for failures only is left out of the delay part.
+ */
+static void test_delayed_with_failure(void **state)
+{
+	(void)state;
+	struct dsn_message m;
+	struct dsn_rcpt rc[3];
+	base_message(&m);
+	base_rcpt(&rc[0], "gone@example.net"); /* failed, 5.1.1 */
+	base_rcpt(&rc[1], "slow@example.com");
+	rc[1].action = DSN_ACTION_DELAYED;
+	rc[1].status = "4.7.1";
+	rc[1].remote_mta = NULL;
+	rc[1].diag = "451 4.7.1 greylisted, come back later";
+	rc[1].diag_len = strlen(rc[1].diag);
+	rc[1].retry_until_ms = 1700432000000ull;
+	base_rcpt(&rc[2], "quiet@example.com");
+	rc[2].action = DSN_ACTION_DELAYED;
+	rc[2].status = "4.7.1";
+	rc[2].notify = DSN_NOTIFY_FAILURE;
+	rc[2].retry_until_ms = 1700432000000ull;
+	struct report r;
+	build_ok(&r, &m, rc, 3, 3);
+	assert_true(has_line(r.out, r.hdr_len, "Subject: Undelivered Mail Returned to Sender\r\n"));
+	part_type(&r, 2, "message/rfc822"); /* a failure is listed: the whole message */
+	const struct part *st = &r.parts[1];
+	assert_int_equal(count(st->p, st->len, "Final-Recipient: "), 2);
+	assert_true(has_line(st->p, st->len, "Final-Recipient: rfc822; gone@example.net\r\n"));
+	assert_true(has_line(st->p, st->len, "Final-Recipient: rfc822; slow@example.com\r\n"));
+	assert_false(contains(st->p, st->len, "quiet@example.com"));
+	assert_int_equal(count(st->p, st->len, "Action: failed\r\n"), 1);
+	assert_int_equal(count(st->p, st->len, "Action: delayed\r\n"), 1);
+	assert_int_equal(count(st->p, st->len, "Will-Retry-Until: "), 1);
+	/* the delayed block: its own status, diagnostic and retry limit, after the failed one */
+	const char *d = memmem(st->p, st->len, "Final-Recipient: rfc822; slow@example.com", 41);
+	assert_non_null(d);
+	size_t dl = st->len - (size_t)(d - st->p);
+	assert_true(has_line(d, dl, "Status: 4.7.1\r\n"));
+	assert_true(
+	    has_line(d, dl, "Diagnostic-Code: smtp; 451 4.7.1 greylisted, come back later\r\n"));
+	assert_true(has_line(d, dl, "Will-Retry-Until: Sun, 19 Nov 2023 22:13:20 +0000\r\n"));
+	/* the text part says both things */
+	assert_true(contains(r.parts[0].p, r.parts[0].len, "marked \"failed\""));
+	assert_true(contains(r.parts[0].p, r.parts[0].len, "marked \"delayed\""));
+	assert_true(
+	    contains(r.parts[0].p, r.parts[0].len, "<slow@example.com>: delayed, status 4.7.1"));
+	report_free(&r);
+
+	/* without the failure: a delay report, headers only */
+	build_ok(&r, &m, rc + 1, 2, 3);
+	assert_true(has_line(r.out, r.hdr_len, "Subject: Delayed Mail (still being retried)\r\n"));
+	check_headers_only(&r, 2, "text/rfc822-headers");
+	assert_false(contains(r.parts[0].p, r.parts[0].len, "marked \"failed\""));
+	report_free(&r);
+
+	/* a delay never carries a permanent status: 4.0.0 instead */
+	rc[1].status = "5.1.1";
+	build_ok(&r, &m, rc + 1, 1, 3);
+	assert_true(has_line(r.parts[1].p, r.parts[1].len, "Status: 4.0.0\r\n"));
+	assert_false(contains(r.out, r.len, "Status: 5.1.1"));
+	report_free(&r);
+}
+
 static void test_odd_originals(void **state)
 {
 	(void)state;
@@ -900,13 +1025,14 @@ static void test_bad_args(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-	    cmocka_unit_test(test_structure),     cmocka_unit_test(test_ret_hdrs),
-	    cmocka_unit_test(test_size_bound),    cmocka_unit_test(test_notify_wants),
-	    cmocka_unit_test(test_notify_filter), cmocka_unit_test(test_orcpt_envid),
-	    cmocka_unit_test(test_injection),     cmocka_unit_test(test_boundary_in_content),
-	    cmocka_unit_test(test_smtputf8),      cmocka_unit_test(test_many_rcpts),
-	    cmocka_unit_test(test_long_fields),   cmocka_unit_test(test_delayed),
-	    cmocka_unit_test(test_odd_originals), cmocka_unit_test(test_bad_args),
+	    cmocka_unit_test(test_structure),      cmocka_unit_test(test_ret_hdrs),
+	    cmocka_unit_test(test_size_bound),     cmocka_unit_test(test_notify_wants),
+	    cmocka_unit_test(test_notify_filter),  cmocka_unit_test(test_orcpt_envid),
+	    cmocka_unit_test(test_injection),      cmocka_unit_test(test_boundary_in_content),
+	    cmocka_unit_test(test_smtputf8),       cmocka_unit_test(test_many_rcpts),
+	    cmocka_unit_test(test_long_fields),    cmocka_unit_test(test_delayed),
+	    cmocka_unit_test(test_delayed_notify), cmocka_unit_test(test_delayed_with_failure),
+	    cmocka_unit_test(test_odd_originals),  cmocka_unit_test(test_bad_args),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

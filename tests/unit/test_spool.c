@@ -134,9 +134,17 @@ static void hook_fini(struct net_worker *w, void *arg)
 	spool_worker_fini(s->sw);
 }
 
+/*
+ * Every case runs twice: with direct I/O (the default where the file system
+ * takes it: the test directory is on one that does, or the spool falls back)
+ * and through the page cache.
+ */
+static bool buffered_io;
+
 static struct spool *open_spool(const char *dir, char *err, size_t errlen)
 {
-	struct spool_config cfg = {.dir = dir, .durability = SPOOL_FSYNC};
+	struct spool_config cfg = {
+	    .dir = dir, .durability = SPOOL_FSYNC, .buffered_io = buffered_io};
 	return spool_open(&cfg, 1, err, errlen);
 }
 
@@ -500,5 +508,8 @@ int main(void)
 		cmocka_unit_test(test_state_records_recovery),
 		cmocka_unit_test(test_state_records_remove_final_segments),
 	};
-	return cmocka_run_group_tests(tests, NULL, NULL);
+	int failed = cmocka_run_group_tests_name("direct I/O", tests, NULL, NULL);
+	buffered_io = true;
+	failed += cmocka_run_group_tests_name("buffered I/O", tests, NULL, NULL);
+	return failed;
 }
