@@ -9,6 +9,7 @@
 #include <string.h>
 #include <sys/random.h>
 
+#include "core/addr.h"
 #include "core/clock.h"
 #include "core/compiler.h"
 
@@ -114,17 +115,7 @@ void anvil_free(struct anvil **ap)
 /* The table's key of an address: false for anything but AF_INET and AF_INET6. */
 static bool anvil_key(const struct sockaddr_storage *ss, uint8_t key[16])
 {
-	memset(key, 0, 16);
-	if (ss && ss->ss_family == AF_INET) {
-		key[10] = key[11] = 0xff;
-		memcpy(key + 12, &((const struct sockaddr_in *)ss)->sin_addr, 4);
-		return true;
-	}
-	if (ss && ss->ss_family == AF_INET6) {
-		memcpy(key, &((const struct sockaddr_in6 *)ss)->sin6_addr, 16);
-		return true;
-	}
-	return false;
+	return addr_key16(ss, key);
 }
 
 static uint64_t mix(uint64_t z)

@@ -23,6 +23,7 @@
 #include <strings.h>
 #include <unistd.h>
 
+#include "core/addr.h"
 #include "core/arena.h"
 #include "core/compiler.h"
 #include "core/log.h"
@@ -1104,18 +1105,7 @@ static void wipe_line(const struct smtp_event *ev)
 /* The failure table's key for the client's address: 16 octets, IPv4 v4-mapped. */
 static bool peer_key(const struct smtp_session *s, uint8_t key[16])
 {
-	const struct sockaddr_storage *ss = net_conn_peer(s->conn);
-	memset(key, 0, 16);
-	if (ss && ss->ss_family == AF_INET) {
-		key[10] = key[11] = 0xff;
-		memcpy(key + 12, &((const struct sockaddr_in *)ss)->sin_addr, 4);
-		return true;
-	}
-	if (ss && ss->ss_family == AF_INET6) {
-		memcpy(key, &((const struct sockaddr_in6 *)ss)->sin6_addr, 16);
-		return true;
-	}
-	return false;
+	return addr_key16(net_conn_peer(s->conn), key);
 }
 
 /* The client's entry, or (when make) a new one in a free, expired or the oldest slot. */
