@@ -221,6 +221,8 @@ static void sink_usage(FILE *f)
 	      "  --max-connections N      connections per worker (default 16384); more get 421\n"
 	      "  --tls CERT KEY           offer STARTTLS with this certificate and key (PEM files;\n"
 	      "                           KEY may be the CERT file)\n"
+	      "  --tls-implicit           with --tls: every --listen address takes TLS from the\n"
+	      "                           first octet (RFC 8314) instead of offering STARTTLS\n"
 	      "  --quiet                  log errors only\n"
 	      "On SIGTERM or SIGINT it stops and prints one JSON line of counts.\n",
 	      f);
@@ -253,9 +255,11 @@ int sink_main(int argc, char **argv)
 		{"quiet", no_argument, NULL, 'q'},
 		{"help", no_argument, NULL, 'h'},
 		{"tls", required_argument, NULL, 'T'},
+		{"tls-implicit", no_argument, NULL, 'I'},
 		{NULL, 0, NULL, 0},
 	};
 	const char *tls_cert = NULL, *tls_key = NULL;
+	bool tls_implicit = false;
 	struct sink_ctx ctx;
 	memset(&ctx, 0, sizeof(ctx));
 	struct smtp_server_config scfg;
@@ -373,6 +377,9 @@ int sink_main(int argc, char **argv)
 			tls_cert = optarg;
 			tls_key = argv[optind++];
 			break;
+		case 'I':
+			tls_implicit = true;
+			break;
 		case 'h':
 			sink_usage(stdout);
 			return 0;
@@ -386,6 +393,10 @@ int sink_main(int argc, char **argv)
 		sink_usage(stderr);
 		return 2;
 	}
+	if (tls_implicit && !tls_cert) {
+		fprintf(stderr, "sink: --tls-implicit needs --tls CERT KEY\n");
+		return 2;
+	}
 
 	struct tls_ctx *tls = NULL;
 	if (tls_cert) {
@@ -395,7 +406,9 @@ int sink_main(int argc, char **argv)
 			fprintf(stderr, "sink: --tls: %s\n", terr);
 			return 1;
 		}
-		scfg.tls = tls;
+		/* implicit TLS: the session never offers STARTTLS (it would be inside TLS) */
+		if (!tls_implicit)
+			scfg.tls = tls;
 	}
 
 	struct net_worker_hooks hooks = {.init = worker_init, .arg = &ctx};
@@ -423,6 +436,11 @@ int sink_main(int argc, char **argv)
 		int r = smtp_server_listen(ctx.srv, host, port);
 		if (r < 0) {
 			fprintf(stderr, "sink: cannot listen on %s: %s\n", listens[i], strerror(-r));
+			return 1;
+		}
+		/* each smtp_server_listen adds one net listener, numbered in order */
+		if (tls_implicit && (r = tls_listener_implicit(e, i, tls)) < 0) {
+			fprintf(stderr, "sink: --tls-implicit on %s: %s\n", listens[i], strerror(-r));
 			return 1;
 		}
 	}

@@ -137,6 +137,15 @@ int net_engine_listen_filter(struct net_engine *e, const char *host, uint16_t po
 
 /* The port listener number `i` (in order of net_engine_listen calls) is bound to: useful after asking for port 0. */
 uint16_t net_engine_listener_port(const struct net_engine *e, unsigned i);
+/*
+ * Gives listener number `i` (numbered as for net_engine_listener_port) a
+ * filter at accept, as if it had been added with net_engine_listen_filter:
+ * for a protocol that adds its listeners itself (smtp_server_listen) when
+ * the program wants them to be implicit TLS. Before net_engine_run only.
+ * Returns 0 or -EINVAL (no such listener, or it has a filter already).
+ */
+int net_engine_listener_set_filter(struct net_engine *e, unsigned i,
+				   int (*filter_start)(struct net_conn *c, void *arg), void *arg);
 
 /* The number of workers the engine will run. */
 unsigned net_engine_workers(const struct net_engine *e);

@@ -1869,6 +1869,16 @@ uint16_t net_engine_listener_port(const struct net_engine *e, unsigned i)
 	return i < e->nlisteners ? e->listeners[i].port : 0;
 }
 
+int net_engine_listener_set_filter(struct net_engine *e, unsigned i,
+				   int (*filter_start)(struct net_conn *c, void *arg), void *arg)
+{
+	if (i >= e->nlisteners || !filter_start || e->listeners[i].filter_start)
+		return -EINVAL;
+	e->listeners[i].filter_start = filter_start;
+	e->listeners[i].filter_arg = arg;
+	return 0;
+}
+
 unsigned net_engine_workers(const struct net_engine *e)
 {
 	return e->nworkers;

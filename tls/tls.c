@@ -498,6 +498,13 @@ int tls_listen(struct net_engine *e, const char *host, uint16_t port, const stru
 	return net_engine_listen_filter(e, host, port, proto, ctx, accept_start, tls);
 }
 
+int tls_listener_implicit(struct net_engine *e, unsigned i, struct tls_ctx *tls)
+{
+	if (!tls->server)
+		return -EINVAL;
+	return net_engine_listener_set_filter(e, i, accept_start, tls);
+}
+
 int tls_conn_info(const struct net_conn *c, struct tls_info *info)
 {
 	struct tls_conn *t = net_conn_filter(c, &tls_filter_ops);

@@ -110,6 +110,16 @@ int tls_conn_start(struct net_conn *c, struct tls_ctx *ctx, const char *sni, con
  */
 int tls_listen(struct net_engine *e, const char *host, uint16_t port, const struct net_proto *proto,
                void *ctx, struct tls_ctx *tls);
+/*
+ * Makes listener number `i` of the engine (numbered as for
+ * net_engine_listener_port) an implicit-TLS listener, as tls_listen would
+ * have made it: for a protocol that adds its own listeners (the bench sink's
+ * --tls-implicit over smtp_server_listen). The protocol is not told: its
+ * on_open simply comes after the handshake. Before net_engine_run only.
+ * Returns 0 or -EINVAL (a client context, no such listener, or one that
+ * already has a filter).
+ */
+int tls_listener_implicit(struct net_engine *e, unsigned i, struct tls_ctx *tls);
 
 /* What a connection negotiated, for the Received header and the accounting log. */
 struct tls_info {

@@ -7,6 +7,8 @@ bytes = body octets after dot-unstuffing, connections = accepted TCP connections
 import os
 import random
 import smtplib
+import ssl
+import subprocess
 import threading
 
 import pytest
@@ -395,3 +397,97 @@ def test_bench_send_over_ipv6(sink, procs, bench):
     st = s.stop()
     assert js["sent"] == 300 and js["accepted"] == 300, js
     assert_stats(st, messages=300, recipients=300, bytes=300 * 2000, connections=s.conns(3))
+
+
+# ------------------------------------------------------------------ implicit TLS (sink --tls-implicit)
+
+
+def _cert(tmp_path):
+    """A self-signed P-256 certificate made by `openssl req`; returns (cert, key)."""
+    cert, key = str(tmp_path / "sink-cert.pem"), str(tmp_path / "sink-key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                    "-nodes", "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=localhost"],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60)
+    return cert, key
+
+
+@pytest.fixture
+def tls_sink(bench, tmp_path):
+    """A sink with --tls CERT KEY --tls-implicit. Its readiness check is a bare
+    connect that is closed at once: a connection whose handshake never
+    finished reaches no protocol callback, so it is not in `connections`."""
+    cert, key = _cert(tmp_path)
+    s = phtest.Sink(bench, ["--tls", cert, key, "--tls-implicit", "--workers", "1"], tmp_path, ready=False)
+    try:
+        phtest.wait_connectable(s.host, s.port, proc=s.proc, what="posthaste-bench sink --tls-implicit").close()
+        yield s
+    finally:
+        s.kill()
+
+
+def _tls_client_ctx():
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # self-signed: not what is tested here
+    return ctx
+
+
+def test_implicit_tls_sink_smtplib_ssl(tls_sink):
+    s = tls_sink
+    msg = "Subject: over implicit TLS\r\n\r\nhello\r\n"
+    with smtplib.SMTP_SSL(s.host, s.port, context=_tls_client_ctx(), timeout=30) as c:
+        assert c.sock.version() in ("TLSv1.2", "TLSv1.3")
+        code, text = c.ehlo("client.example")
+        assert code == 250
+        assert b"STARTTLS" not in text.upper(), "STARTTLS offered inside TLS: %r" % text
+        for _ in range(2):
+            assert c.sendmail("a@example.com", ["r@example.com"], msg) == {}
+    st = s.stop()
+    assert_stats(st, messages=2, recipients=2, bytes=2 * len(phtest.smtplib_body(msg)), connections=1)
+
+
+def test_implicit_tls_sink_openssl_s_client(tls_sink, tool):
+    s = tls_sink
+    p = subprocess.run([tool("openssl"), "s_client", "-connect", s.addr, "-quiet", "-crlf"],
+                       input=b"EHLO client.example\nQUIT\n", stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, timeout=30)
+    out = p.stdout.decode(errors="replace")
+    assert out.startswith("220 "), (out, p.stderr[-1000:])
+    assert "250-" in out and "221 " in out, out
+    assert_stats(s.stop(), messages=0, connections=1)
+
+
+def test_implicit_tls_sink_refuses_plaintext(tls_sink):
+    s = tls_sink
+    c = phtest.connect(s.host, s.port, timeout=10)
+    try:
+        c.sendall(b"EHLO client.example\r\n")  # not a ClientHello: the handshake fails
+        got = phtest.read_greeting(c, timeout=10)
+    except OSError:
+        got = b""
+    finally:
+        c.close()
+    assert not got.startswith(b"220"), got
+    assert_stats(s.stop(), messages=0, connections=0)
+
+
+def test_implicit_tls_sink_bench_send(tls_sink, procs, bench):
+    s = tls_sink
+    rc, js, err = _send(procs, bench, s.addr, "--tls", "implicit", "--connections", 5, "--messages", 500,
+                        "--size", 1024, "--workers", 1)
+    assert rc == 0, err[-2000:]
+    assert js["accepted"] == 500 and js["tls_handshakes"] == 5, js
+    # a connection per message, sessions resumed: each a handshake, all but the first few resumed
+    rc, js2, err = _send(procs, bench, s.addr, "--tls", "implicit", "--connections", 2, "--messages", 40,
+                         "--size", 1024, "--workers", 1, "--messages-per-connection", 1, "--tls-reuse")
+    assert rc == 0, err[-2000:]
+    assert js2["accepted"] == 40 and js2["tls_handshakes"] >= 40 and js2["tls_resumed"] >= 30, js2
+    st = s.stop()
+    assert_stats(st, messages=540, recipients=540, bytes=540 * 1024,
+                 connections=js["connections"] + js2["connections"])
+
+
+def test_implicit_tls_sink_needs_a_certificate(procs, bench):
+    rc, out, err = procs.run([bench, "sink", "--listen", "127.0.0.1:%d" % phtest.free_port(),
+                              "--tls-implicit"], timeout=30)
+    assert rc == 2 and "--tls-implicit needs --tls" in err, (rc, err)
