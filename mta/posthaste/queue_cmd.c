@@ -55,7 +55,7 @@ static void usage(FILE *f)
 	      "       posthaste queue flush [ID...|ALL] [--spool DIR | --config FILE]\n"
 	      "Reads the spool (the daemon may be running): list prints one entry per queued\n"
 	      "message, as mailq does ('!' after the id: on hold; --json: one JSON object per\n"
-	      "line, as postqueue -j); show prints a message's envelope, then its text exactly\n"
+	      "line, as postqueue -j, with delay_warned: a delay DSN went out); show prints a message's envelope, then its text exactly\n"
 	      "as stored. hold, release, delete and flush ask the running daemon over its\n"
 	      "control socket (ALL: every message they apply to; flush: try deferred mail now);\n"
 	      "with the daemon stopped, hold, release and delete change the spool itself.\n"
@@ -214,7 +214,8 @@ static int list_one(void *arg, const struct spool_scan_item *it)
 			fputs("null", f);
 		fputs(",\"client_address\":", f);
 		put_json(f, m->peer, m->peer_len);
-		fputs("}\n", f);
+		fprintf(f, ",\"delay_warned\":%s}\n",
+			(it->flags & STATE_F_DELAY_WARNED) ? "true" : "false");
 		return 0;
 	}
 

@@ -15,6 +15,7 @@ attempts, within about two seconds.
         /usr/bin/python3 -m pytest -q -p no:cacheprovider tests/integration/test_delay_dsn.py'
 """
 import email.utils
+import json
 import os
 import re
 import subprocess
@@ -138,7 +139,9 @@ def test_one_delay_dsn_then_delivery(world):
     # more retries, no second report
     wait_attempts(relay, qid, 3)
     assert len(relay.events(qid, "dsn")) == 1, relay.diag()
-    assert [m["queue_id"] for m in relay.queue_list()] == [qid]
+    listed = relay.queue_list()
+    assert [m["queue_id"] for m in listed] == [qid]
+    assert listed[0]["delay_warned"] is True, listed
     relay.stop()
     # held and released with the daemon stopped: those records keep the fact too
     for verb in ("hold", "release"):
@@ -146,6 +149,9 @@ def test_one_delay_dsn_then_delivery(world):
                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, timeout=60)
         assert p.returncode == 0, "queue %s: %s" % (verb, p.stdout)
+    p = subprocess.run([POSTHASTE, "queue", "list", "--json", "--spool", relay.spool],
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert [json.loads(l)["delay_warned"] for l in p.stdout.splitlines()] == [True], p.stdout
 
     # the fact that it was sent survives a restart
     relay2 = world.relay({"slow.test": failing}, WARN + AGE, restart=relay)

@@ -168,6 +168,7 @@ def check_json(objs, sent, stored, t0):
         assert isinstance(o["arrival_time"], int)
         assert t0 - 2 <= o["arrival_time"] <= time.time() + 2
         assert o["client_address"] == "127.0.0.1"
+        assert o["delay_warned"] is False
         assert o["envid"] is None
 
 
