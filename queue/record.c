@@ -32,6 +32,11 @@ static inline uint32_t get_le32(const uint8_t *p)
 	return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
 }
 
+static inline uint16_t get_le16(const uint8_t *p)
+{
+	return (uint16_t)(p[0] | p[1] << 8);
+}
+
 static inline uint64_t get_le64(const uint8_t *p)
 {
 	return (uint64_t)get_le32(p) | (uint64_t)get_le32(p + 4) << 32;
@@ -76,7 +81,28 @@ int segment_header_decode(const uint8_t *buf, size_t len, struct segment_header 
 	out->worker = get_le32(buf + SEG_WORKER);
 	out->seq = get_le64(buf + SEG_SEQ);
 	out->created = get_le64(buf + SEG_CREATED);
-	return out->version == SEGMENT_VERSION ? 0 : -1;
+	return out->version == SEGMENT_VERSION || out->version == SEGMENT_VERSION_V1 ? 0 : -1;
+}
+
+/* ---- version 2: records bound to their segment ---- */
+
+#define SALT_KEY 0x32565350u /* "PSV2": no seq below 2^32 has a salt of 0 (version 1's crc) */
+
+static uint32_t record_salt(uint64_t seq)
+{
+	return (uint32_t)seq ^ (uint32_t)(seq >> 32) ^ SALT_KEY;
+}
+
+uint16_t record_tag(uint64_t seq)
+{
+	return (uint16_t)seq;
+}
+
+void record_header_bind(uint8_t hdr[RECORD_HEADER_SIZE], uint64_t seq)
+{
+	/* the crc was computed over a zero tag, which is what a version-2 crc covers */
+	put_le16(hdr + HDR_RESERVED, record_tag(seq));
+	put_le32(hdr + HDR_CRC, get_le32(hdr + HDR_CRC) ^ record_salt(seq));
 }
 
 /* ---- encoder ---- */
@@ -119,7 +145,18 @@ size_t record_header_encode(uint8_t out[RECORD_HEADER_SIZE], enum record_type ty
 
 void record_reader_init(struct record_reader *r, uint64_t offset)
 {
-	r->offset = offset;
+	*r = (struct record_reader){.offset = offset};
+}
+
+void record_reader_init_segment(struct record_reader *r, const struct segment_header *h,
+                                uint64_t offset)
+{
+	record_reader_init(r, offset);
+	if (h->version >= 2) {
+		r->v2 = true;
+		r->salt = record_salt(h->seq);
+		r->tag = record_tag(h->seq);
+	}
 }
 
 uint64_t record_reader_offset(const struct record_reader *r)
@@ -135,18 +172,73 @@ static bool all_zero(const uint8_t *p, size_t n)
 	return true;
 }
 
+/* The crc a header at h with `length` payload octets after it should carry, for reader r. */
+static uint32_t record_crc(const struct record_reader *r, const uint8_t *h, uint32_t length)
+{
+	if (!r->v2)
+		return crc32c(0, h + HDR_LENGTH, HDR_SUMMED + (size_t)length);
+	static const uint8_t zero_tag[2];
+	uint32_t crc = crc32c(0, h + HDR_LENGTH, HDR_RESERVED - HDR_LENGTH);
+	crc = crc32c(crc, zero_tag, sizeof(zero_tag));
+	crc = crc32c(crc, h + HDR_QUEUE_ID, RECORD_HEADER_SIZE - HDR_QUEUE_ID + (size_t)length);
+	return crc ^ r->salt;
+}
+
 /* Whether the header at h (avail octets from it, at least a header) starts a valid record. */
-static enum record_error record_check(const uint8_t *h, uint64_t avail)
+static enum record_error record_check(const struct record_reader *r, const uint8_t *h,
+                                      uint64_t avail)
 {
 	if (get_le32(h + HDR_MAGIC) != RECORD_MAGIC)
 		return RECORD_E_MAGIC;
+	if (r->v2 && get_le16(h + HDR_RESERVED) != r->tag)
+		return RECORD_E_TAG;
 	uint32_t length = get_le32(h + HDR_LENGTH);
 	if (length > RECORD_MAX_PAYLOAD)
 		return RECORD_E_LENGTH;
 	if (length > avail - RECORD_HEADER_SIZE)
 		return RECORD_E_TORN;
-	uint32_t crc = crc32c(0, h + HDR_LENGTH, HDR_SUMMED + (size_t)length);
-	return crc == get_le32(h + HDR_CRC) ? RECORD_OK : RECORD_E_CHECKSUM;
+	return record_crc(r, h, length) == get_le32(h + HDR_CRC) ? RECORD_OK : RECORD_E_CHECKSUM;
+}
+
+/* The first offset from `from` on (8-aligned steps) holding a valid record; 0 for none. */
+static uint64_t find_valid(const struct record_reader *r, const uint8_t *buf, size_t len,
+                           uint64_t from)
+{
+	for (uint64_t q = from; q < len && len - q >= RECORD_HEADER_SIZE; q += RECORD_ALIGN) {
+		if (get_le32(buf + q + HDR_MAGIC) != RECORD_MAGIC)
+			continue;
+		if (r->v2 && get_le16(buf + q + HDR_RESERVED) != r->tag)
+			continue; /* an earlier incarnation's: no crc to compute */
+		if (record_check(r, buf + q, len - q) == RECORD_OK)
+			return q;
+	}
+	return 0;
+}
+
+/*
+ * Version 2, at offset p where no record of ours starts (its magic or tag is
+ * not ours): whether that is damage rather than the end of the data. It is
+ * when the header would verify with the magic and tag taken as ours (one of
+ * them damaged), or when a valid record of ours follows.
+ */
+static bool v2_damaged(const struct record_reader *r, const uint8_t *buf, size_t len, uint64_t p)
+{
+	const uint8_t *h = buf + p;
+	uint32_t length = get_le32(h + HDR_LENGTH);
+	if (length <= RECORD_MAX_PAYLOAD && length <= len - p - RECORD_HEADER_SIZE &&
+	    record_crc(r, h, length) == get_le32(h + HDR_CRC))
+		return true;
+	return find_valid(r, buf, len, p + RECORD_ALIGN) != 0;
+}
+
+/* Version 2: whether a header cut short (avail octets, fewer than a header) may be one of ours. */
+static bool v2_cut_ours(const struct record_reader *r, const uint8_t *h, size_t avail)
+{
+	uint8_t magic[4];
+	put_le32(magic, RECORD_MAGIC);
+	if (memcmp(h, magic, MIN(avail, sizeof(magic))) != 0)
+		return false;
+	return avail < HDR_RESERVED + 2 || get_le16(h + HDR_RESERVED) == r->tag;
 }
 
 int record_next(struct record_reader *r, const uint8_t *buf, size_t len, struct record *out)
@@ -162,13 +254,17 @@ int record_next(struct record_reader *r, const uint8_t *buf, size_t len, struct 
 	if (avail < RECORD_HEADER_SIZE) {
 		if (all_zero(h, (size_t)avail))
 			return 0;
+		if (r->v2 && !v2_cut_ours(r, h, (size_t)avail))
+			return 0; /* an earlier incarnation's, and no room for ours after it */
 		out->error = RECORD_E_TORN;
 		out->need = RECORD_HEADER_SIZE;
 		return -1;
 	}
-	enum record_error err = record_check(h, avail);
+	enum record_error err = record_check(r, h, avail);
 	if (err == RECORD_E_MAGIC && get_le32(h + HDR_MAGIC) == 0 && all_zero(h, (size_t)avail))
 		return 0;
+	if ((err == RECORD_E_MAGIC || err == RECORD_E_TAG) && r->v2 && !v2_damaged(r, buf, len, p))
+		return 0; /* not ours, and nothing of ours after it: where the data ends */
 	uint32_t length = get_le32(h + HDR_LENGTH);
 	if (err != RECORD_OK) {
 		out->error = err;
@@ -190,16 +286,10 @@ int record_next(struct record_reader *r, const uint8_t *buf, size_t len, struct 
 
 uint64_t record_resync(struct record_reader *r, const uint8_t *buf, size_t len)
 {
-	for (uint64_t q = r->offset + RECORD_ALIGN; q < len && len - q >= RECORD_HEADER_SIZE;
-	     q += RECORD_ALIGN) {
-		if (get_le32(buf + q + HDR_MAGIC) != RECORD_MAGIC)
-			continue;
-		if (record_check(buf + q, len - q) == RECORD_OK) {
-			r->offset = q;
-			return q;
-		}
-	}
-	return 0;
+	uint64_t q = find_valid(r, buf, len, r->offset + RECORD_ALIGN);
+	if (q)
+		r->offset = q;
+	return q;
 }
 
 const char *record_error_str(enum record_error err)
@@ -215,6 +305,8 @@ const char *record_error_str(enum record_error err)
 		return "bad record magic";
 	case RECORD_E_LENGTH:
 		return "impossible record length";
+	case RECORD_E_TAG:
+		return "wrong record tag";
 	}
 	return "unknown record error";
 }

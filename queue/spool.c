@@ -27,6 +27,16 @@
  * segment is truncated back to it and the batch's transactions fail (the SMTP
  * side answers 452/451); the next batch tries again, so service resumes by
  * itself when the disk does.
+ *
+ * Recycling: a dead segment file at least a segment's size is not unlinked
+ * but renamed to spare-<n>.log (up to SPARES_MAX per worker directory; the
+ * scanners only read seg-*), and the next new segment takes it over: its
+ * header is rewritten for the new seq, and its batches then overwrite blocks
+ * the file system has already allocated, so their fdatasync needs no journal
+ * commit (no size or extent change), only the device flush. Records are
+ * bound to their segment's seq (record.h, version 2): what an earlier use of
+ * the file left after the new data's end never verifies, and readers take it
+ * as the end. The crash-ordering argument is at segs_gc and spare_take.
  */
 #include "queue/spool.h"
 
@@ -60,6 +70,7 @@
 #define COMPACT_AFTER_DEFAULT 30000
 #define COMPACT_BATCH_MAX 4096 /* messages copied per check */
 #define DIO_ALIGN 4096u /* direct I/O: buffer, offset and length alignment (any device's) */
+#define SPARES_MAX 2    /* dead segment files kept per worker for new segments to reuse */
 
 struct body_chunk {
 	struct body_chunk *next;
@@ -79,6 +90,7 @@ struct spool_seg {
 	bool writing;   /* the owner appends to it */
 	uint64_t closed_ms; /* monotonic: when it stopped being written (0: never written here) */
 	bool pinned;    /* its state records name messages outside the owner's segments */
+	struct segment_header hdr; /* its records' version and seq (their binding) */
 	char name[64];
 };
 
@@ -124,6 +136,11 @@ struct spool_worker {
 	size_t stage_cap;
 	uint64_t stage_len; /* what the write must write */
 	uint8_t tailblk[DIO_ALIGN]; /* the segment's octets from align_down(offset) to offset */
+	bool recycled; /* the current segment is a spare taken over: octets may follow its end */
+	bool spare[SPARES_MAX]; /* spare-<n>.log exists in dirfd */
+	bool dir_dirty; /* dirfd has removals (unlinks, renames to spares) not yet fsynced */
+	dev_t dir_dev;  /* dirfd's identity: recovered segments borrow another fd of it */
+	ino_t dir_ino;
 	struct net_io write_io, sync_io;
 	int write_res;
 	bool write_done, sync_wanted;
@@ -304,20 +321,33 @@ static void seg_free(struct spool_seg *g)
 	free(g);
 }
 
+static int seg_retire(struct spool_worker *sw, struct spool_seg *g);
+
 /*
  * Removes owned segments from the oldest on while nothing is live in them:
  * in that order only, so that a removed segment's state records can only
  * name messages in segments already removed (or in itself). A pinned one
  * stops the walk; start-up recovery deals with it.
+ *
+ * Removal is an unlink or a rename to a spare name (seg_retire): for
+ * recovery the two are the same, a directory operation after which the
+ * scanners no longer see the file. Neither is synced here: a crash may undo
+ * the latest ones, and the file systems the spool runs on (ext4, XFS:
+ * journalled metadata) keep directory operations in order, so what comes
+ * back is the newest removed segments, as if they had not died yet. What a
+ * spare must not do is lose its old content while its removal (or an older
+ * segment's) can still be undone: spare_take syncs the directory before it
+ * writes over a spare.
  */
 static void segs_gc(struct spool_worker *sw)
 {
 	while (sw->segs_head && !sw->segs_head->live && !sw->segs_head->writing &&
 	       !sw->segs_head->pinned && !sw->segs_head->moving) {
 		struct spool_seg *g = sw->segs_head;
-		if (unlinkat(g->dirfd, g->name, 0) < 0 && errno != ENOENT) {
+		int r = seg_retire(sw, g);
+		if (r < 0) {
 			log_warn("spool: worker %u: cannot remove segment %s: %s", sw->index, g->name,
-				 strerror(errno));
+				 strerror(-r));
 			g->pinned = true;
 			return;
 		}
@@ -377,27 +407,155 @@ static int fsync_dir(int dirfd)
 	return fsync(dirfd) < 0 ? -errno : 0;
 }
 
+static void spare_name(char *buf, size_t len, unsigned slot)
+{
+	snprintf(buf, len, "spare-%u.log", slot);
+}
+
+/*
+ * Takes dead segment g out of the spool's view: renamed to a free spare slot
+ * when recycling it pays (it is in the worker's own directory and at least a
+ * segment's size: a shorter one would be extended anyway), else unlinked.
+ * 0 (also when it is already gone), or -errno with the file still there.
+ */
+static int seg_retire(struct spool_worker *sw, struct spool_seg *g)
+{
+	struct stat st;
+	bool own = g->dirfd == sw->dirfd ||
+		   (fstat(g->dirfd, &st) == 0 && st.st_dev == sw->dir_dev && st.st_ino == sw->dir_ino);
+	unsigned slot = 0;
+	while (slot < SPARES_MAX && sw->spare[slot])
+		slot++;
+	if (slot < SPARES_MAX && own && fstatat(g->dirfd, g->name, &st, 0) == 0 &&
+	    (uint64_t)st.st_size >= sw->sp->cfg.segment_size) {
+		char spare[32];
+		spare_name(spare, sizeof(spare), slot);
+		if (renameat(g->dirfd, g->name, g->dirfd, spare) == 0) {
+			sw->spare[slot] = true;
+			sw->dir_dirty = true;
+			return 0;
+		}
+		if (errno == ENOENT)
+			return 0;
+		log_once(LOG_WARN, "spool: cannot keep a dead segment for reuse (%s); removing it",
+			 strerror(errno));
+	}
+	if (unlinkat(g->dirfd, g->name, 0) < 0)
+		return errno == ENOENT ? 0 : -errno;
+	if (own) {
+		sw->dir_dirty = true;
+	} else {
+		/*
+		 * another worker directory's (the worker count went down): spare_take
+		 * only syncs its own, and this removal must be as durable as the ones
+		 * there before a spare is written over
+		 */
+		int r = fsync_dir(g->dirfd);
+		if (r < 0)
+			log_warn("spool: worker %u: cannot sync a directory after removing %s: %s",
+				 sw->index, g->name, strerror(-r));
+	}
+	return 0;
+}
+
+/*
+ * Makes a spare file the new segment `name`, with header hdr: returns its
+ * fd (write-only, offset SEGMENT_HEADER_SIZE is the data's end), or -1 when
+ * there is no spare to use (the caller creates a file).
+ *
+ * Crash ordering: (1) the directory is synced, so that the spare's own
+ * removal and every one before it are durable before anything of its old
+ * content is lost (else a crash could bring back an older segment whose
+ * messages this one's state records made final, with those records gone);
+ * (2) the new header is written over the old one and synced while the file
+ * still has its spare name, so that it never appears as a segment with its
+ * old header; (3) it is renamed to `name` (the caller syncs the directory,
+ * as for a new file). From (2) on the file reads as an empty segment of the
+ * new seq: the old records are bound to another seq. A crash anywhere leaves
+ * either a spare (reused or removed at the next start) or that empty segment.
+ */
+static int spare_take(struct spool_worker *sw, const char *name,
+		      const uint8_t hdr[SEGMENT_HEADER_SIZE])
+{
+	for (unsigned slot = 0; slot < SPARES_MAX; slot++) {
+		if (!sw->spare[slot])
+			continue;
+		sw->spare[slot] = false; /* taken, or removed below */
+		char spare[32];
+		spare_name(spare, sizeof(spare), slot);
+		if (sw->dir_dirty) {
+			int r = fsync_dir(sw->dirfd);
+			if (r < 0) {
+				log_warn("spool: worker %u: cannot sync the directory: %s; not "
+					 "reusing segment files",
+					 sw->index, strerror(-r));
+				sw->spare[slot] = true;
+				return -1;
+			}
+			sw->dir_dirty = false;
+		}
+		int fd = openat(sw->dirfd, spare, O_RDWR | O_CLOEXEC);
+		if (fd < 0) {
+			if (errno != ENOENT)
+				unlinkat(sw->dirfd, spare, 0);
+			continue;
+		}
+		/*
+		 * The old header's seq must bind its records differently: not the same
+		 * tag (a leftover record would read as damage, not as the end), which
+		 * also rules out the same seq. One that does not decode is not reused.
+		 */
+		struct segment_header old;
+		uint8_t ohdr[SEGMENT_HEADER_SIZE];
+		struct stat st;
+		bool ok = fstat(fd, &st) == 0 && (uint64_t)st.st_size >= sw->sp->cfg.segment_size &&
+			  pread(fd, ohdr, sizeof(ohdr), 0) == (ssize_t)sizeof(ohdr) &&
+			  segment_header_decode(ohdr, sizeof(ohdr), &old) == 0 &&
+			  (old.version == SEGMENT_VERSION_V1 ? 0 : record_tag(old.seq)) !=
+			      record_tag(sw->seq);
+		if (ok && pwrite(fd, hdr, SEGMENT_HEADER_SIZE, 0) == (ssize_t)SEGMENT_HEADER_SIZE &&
+		    fdatasync(fd) == 0 && renameat(sw->dirfd, spare, sw->dirfd, name) == 0)
+			return fd;
+		if (ok)
+			log_warn("spool: worker %u: cannot reuse %s: %s; removing it", sw->index,
+				 spare, strerror(errno ? errno : EIO));
+		close(fd);
+		unlinkat(sw->dirfd, spare, 0);
+		sw->dir_dirty = true;
+	}
+	return -1;
+}
+
 static int segment_open_new(struct spool_worker *sw)
 {
 	char name[64];
 	snprintf(name, sizeof(name), "seg-%016" PRIx64 ".log", sw->seq);
-	int fd = openat(sw->dirfd, name, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-	if (fd < 0)
-		return -errno;
 	uint8_t hdr[SEGMENT_HEADER_SIZE];
-	segment_header_encode(hdr, sw->index, sw->seq, (uint64_t)time(NULL));
-	if (pwrite(fd, hdr, sizeof(hdr), 0) != (ssize_t)sizeof(hdr) || fdatasync(fd) < 0) {
-		int err = errno ? -errno : -EIO;
-		close(fd);
-		unlinkat(sw->dirfd, name, 0);
-		return err;
+	uint64_t created = (uint64_t)time(NULL);
+	segment_header_encode(hdr, sw->index, sw->seq, created);
+	int fd = spare_take(sw, name, hdr);
+	bool recycled = fd >= 0;
+	if (!recycled) {
+		fd = openat(sw->dirfd, name, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+		if (fd < 0)
+			return -errno;
+		if (pwrite(fd, hdr, sizeof(hdr), 0) != (ssize_t)sizeof(hdr) || fdatasync(fd) < 0) {
+			int err = errno ? -errno : -EIO;
+			close(fd);
+			unlinkat(sw->dirfd, name, 0);
+			return err;
+		}
 	}
 	int r = fsync_dir(sw->dirfd); /* the new name itself must survive a crash */
 	struct spool_seg *g = r < 0 ? NULL : seg_new(sw->dirfd, sw->seq, name);
 	if (!g) {
 		close(fd);
+		if (recycled)
+			unlinkat(sw->dirfd, name, 0);
 		return r < 0 ? r : -ENOMEM;
 	}
+	sw->dir_dirty = false;
+	g->hdr = (struct segment_header){SEGMENT_VERSION, sw->index, sw->seq, created};
 	g->writing = true;
 	seg_append(sw, g);
 	if (sw->cur) {
@@ -405,9 +563,16 @@ static int segment_open_new(struct spool_worker *sw)
 		sw->cur->closed_ms = net_worker_now_ms(sw->w);
 	}
 	sw->cur = g;
-	if (sw->dfd >= 0) {
-		close(sw->dfd);
-		/* the old segment: direct I/O's zeros past its end go (readers stop at them anyway) */
+	if (sw->dfd >= 0 || sw->recycled) {
+		/*
+		 * The old segment ends at sw->offset: direct I/O's zeros past it, or
+		 * what an earlier use of a recycled file left there, go (readers stop
+		 * at them anyway). Its size stays at least the segment size, so that
+		 * it is worth recycling in turn; the next use's last batch may extend
+		 * it by up to that batch.
+		 */
+		if (sw->dfd >= 0)
+			close(sw->dfd);
 		if (ftruncate(sw->fd, (off_t)sw->offset) < 0)
 			log_warn("spool: worker %u: cannot cut the previous segment's padding: %s",
 				 sw->index, strerror(errno));
@@ -416,6 +581,7 @@ static int segment_open_new(struct spool_worker *sw)
 		close(sw->fd);
 	sw->fd = fd;
 	sw->dfd = -1;
+	sw->recycled = recycled;
 	sw->offset = SEGMENT_HEADER_SIZE;
 	if (!sw->sp->cfg.buffered_io) {
 		sw->dfd = openat(sw->dirfd, name, O_WRONLY | O_DIRECT | O_CLOEXEC);
@@ -1020,6 +1186,7 @@ void spool_worker_turn_end(struct spool_worker *sw)
 			sw->iov = iv;
 			sw->iov_cap = cap;
 		}
+		record_header_bind(t->header, sw->seq); /* the segment it goes to is known now */
 		unsigned k = txn_iov(t, sw->iov + n);
 		t->off = sw->offset + len;
 		for (unsigned i = 0; i < k; i++)
@@ -1126,7 +1293,7 @@ int spool_entry_read(struct spool_worker *sw, const struct spool_entry *e, uint8
 	/* the reader wants the padding too: it is not checksummed, any octets do */
 	memset(buf + got, 0, total - got);
 	struct record_reader rr;
-	record_reader_init(&rr, 0);
+	record_reader_init_segment(&rr, &g->hdr, 0);
 	struct record rec;
 	if (record_next(&rr, buf, total, &rec) != 1 || rec.type != RECORD_MESSAGE ||
 	    rec.queue_id != e->id || rec.length != e->len) {
@@ -1256,8 +1423,24 @@ int spool_worker_init(struct spool *sp, struct net_worker *w)
 	sw->dirfd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	if (sw->dirfd < 0)
 		return -errno;
+	struct stat dst;
+	if (fstat(sw->dirfd, &dst) < 0) {
+		int err = -errno;
+		close(sw->dirfd);
+		return err;
+	}
+	sw->dir_dev = dst.st_dev;
+	sw->dir_ino = dst.st_ino;
 	sw->seq = sp->next_seq + i;
 	sw->id_ms = sp->max_id_ms; /* every new id is above every id already in the spool */
+	/* spares a previous run left (recovery removed the ones no worker uses) */
+	for (unsigned k = 0; k < SPARES_MAX; k++) {
+		char spare[32];
+		struct stat st;
+		spare_name(spare, sizeof(spare), k);
+		sw->spare[k] = fstatat(sw->dirfd, spare, &st, 0) == 0;
+	}
+	sw->dir_dirty = true; /* their renames may not be durable yet: synced before a reuse */
 	int r = segment_open_new(sw);
 	if (r < 0) {
 		log_err("spool: worker %u: cannot create a segment in %s: %s", i, path, strerror(-r));
@@ -1299,6 +1482,7 @@ void spool_worker_fini(struct spool_worker *sw)
 		n = t->next;
 		if (t->type == RECORD_STATE) {
 			struct iovec iov[3];
+			record_header_bind(t->header, sw->seq);
 			unsigned k = txn_iov(t, iov);
 			size_t len = 0;
 			for (unsigned i = 0; i < k; i++)
@@ -1314,13 +1498,20 @@ void spool_worker_fini(struct spool_worker *sw)
 		txn_free(t);
 	}
 	sw->pending_head = sw->pending_tail = NULL;
+	bool empty = sw->sp->cfg.discard || sw->offset == SEGMENT_HEADER_SIZE;
+	if ((sw->dfd >= 0 || sw->recycled) && !empty && sw->fd >= 0) {
+		/*
+		 * direct I/O's zeros past the end, or a recycled file's older octets
+		 * (readers stop at them anyway). The file may end up shorter than a
+		 * segment: then it is unlinked, not recycled, when it dies.
+		 */
+		if (ftruncate(sw->fd, (off_t)sw->offset) < 0)
+			log_warn("spool: worker %u: cannot cut the segment's padding: %s", sw->index,
+				 strerror(errno));
+	}
 	if (sw->dfd >= 0) {
 		close(sw->dfd);
 		sw->dfd = -1;
-		/* direct I/O's zeros past the end (readers stop at them anyway) */
-		if (sw->fd >= 0 && ftruncate(sw->fd, (off_t)sw->offset) < 0)
-			log_warn("spool: worker %u: cannot cut the segment's padding: %s", sw->index,
-				 strerror(errno));
 	}
 	free(sw->stage);
 	sw->stage = NULL;
@@ -1331,11 +1522,15 @@ void spool_worker_fini(struct spool_worker *sw)
 		close(sw->fd);
 		sw->fd = -1;
 	}
-	if (sw->sp->cfg.discard || sw->offset == SEGMENT_HEADER_SIZE) {
-		/* nothing queued in it */
-		char name[64];
-		snprintf(name, sizeof(name), "seg-%016" PRIx64 ".log", sw->seq);
-		unlinkat(sw->dirfd, name, 0);
+	if (empty && sw->cur) {
+		/*
+		 * nothing queued in it: a spare again if it was one (it holds no
+		 * record anything else depends on, so order does not matter), else
+		 * unlinked; segs_gc finds it gone
+		 */
+		if (seg_retire(sw, sw->cur) < 0)
+			log_warn("spool: worker %u: cannot remove the empty segment %s", sw->index,
+				 sw->cur->name);
 	}
 	if (sw->cur) {
 		sw->cur->writing = false;
@@ -1412,6 +1607,7 @@ struct rec_seg {
 	char *name;
 	unsigned dir;  /* index into rec_ctx.dirfds */
 	uint64_t seq;  /* from the name; UINT64_MAX without one */
+	struct segment_header hdr; /* once scanned */
 	size_t st_first, st_end; /* its state records in rec_ctx.strecs */
 	uint64_t nmsgs;
 	bool scanned;  /* header read: its records are known */
@@ -1511,11 +1707,21 @@ static void recover_segment(struct spool *sp, struct rec_ctx *c, uint32_t si)
 		munmap((void *)map, len);
 		return;
 	}
+	if (sh.version >= 2 && sg->seq != UINT64_MAX && sh.seq != sg->seq) {
+		/* its records are bound to the header's seq: a damaged one would hide them all */
+		log_err("spool: %s: the header's sequence %016" PRIx64 " is not the name's "
+			"(damaged header); left alone",
+			name, sh.seq);
+		c->incomplete = true;
+		munmap((void *)map, len);
+		return;
+	}
 	sg->scanned = true;
+	sg->hdr = sh;
 	if (sh.seq + 1 > sp->next_seq)
 		sp->next_seq = sh.seq + 1;
 	struct record_reader rr;
-	record_reader_init(&rr, SEGMENT_HEADER_SIZE);
+	record_reader_init_segment(&rr, &sh, SEGMENT_HEADER_SIZE);
 	uint64_t bad = 0;
 	for (;;) {
 		struct record rec;
@@ -1732,8 +1938,41 @@ static void rec_ctx_free(struct rec_ctx *c)
 	state_table_free(&c->states);
 }
 
-/* Adds the segment names of the worker directory dfd. -errno on out of memory. */
-static int list_worker_segments(struct rec_ctx *c, int dfd, unsigned num)
+/*
+ * A spare file of worker directory w<num>: kept for worker num to reuse when
+ * there is one and the name is a slot of it, else removed. Its header's seq
+ * (the latest its octets were bound to) counts for next_seq like a
+ * segment's: a seq is never used again while a file holds records bound to
+ * it.
+ */
+static void recover_spare(struct spool *sp, int dfd, unsigned num, const char *name)
+{
+	char *end;
+	errno = 0;
+	unsigned long slot = strtoul(name + 6, &end, 10);
+	if (end == name + 6 || errno || strcmp(end, ".log") || slot >= SPARES_MAX ||
+	    num >= sp->nworkers) {
+		if (unlinkat(dfd, name, 0) < 0 && errno != ENOENT)
+			log_warn("spool: cannot remove the spare file %s: %s", name, strerror(errno));
+		return;
+	}
+	uint8_t buf[SEGMENT_HEADER_SIZE];
+	struct segment_header sh;
+	int fd = openat(dfd, name, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return;
+	if (pread(fd, buf, sizeof(buf), 0) == (ssize_t)sizeof(buf) &&
+	    segment_header_decode(buf, sizeof(buf), &sh) == 0 && sh.seq < UINT64_MAX &&
+	    sh.seq + 1 > sp->next_seq)
+		sp->next_seq = sh.seq + 1;
+	close(fd);
+}
+
+/*
+ * Adds the segment names of the worker directory dfd (w<num>), and deals with
+ * its spare files. -errno on out of memory.
+ */
+static int list_worker_segments(struct spool *sp, struct rec_ctx *c, int dfd, unsigned num)
 {
 	int *fds = realloc(c->dirfds, (c->ndirs + 1) * sizeof(*fds));
 	if (fds)
@@ -1758,6 +1997,10 @@ static int list_worker_segments(struct rec_ctx *c, int dfd, unsigned num)
 	struct dirent *se;
 	int r = 0;
 	while ((se = readdir(wd))) {
+		if (!strncmp(se->d_name, "spare-", 6)) {
+			recover_spare(sp, dfd, num, se->d_name);
+			continue;
+		}
 		if (strncmp(se->d_name, "seg-", 4) || !strstr(se->d_name, ".log"))
 			continue;
 		if (c->nsegs == c->segcap) {
@@ -1816,6 +2059,7 @@ static int build_live(struct spool *sp, struct rec_ctx *c)
 			continue;
 		if (!(rs[i] = seg_new(c->dirfds[sg->dir], sg->seq, sg->name)))
 			goto out;
+		rs[i]->hdr = sg->hdr;
 		owner[i] = c->dirnum[sg->dir] % sp->nworkers;
 		rs[i]->pinned = sg->keep;
 		seg_append(&sp->workers[owner[i]], rs[i]);
@@ -1957,7 +2201,7 @@ static int recover(struct spool *sp)
 		int dfd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 		if (dfd < 0)
 			continue;
-		r = list_worker_segments(&c, dfd, (unsigned)strtoul(de->d_name + 1, NULL, 10));
+		r = list_worker_segments(sp, &c, dfd, (unsigned)strtoul(de->d_name + 1, NULL, 10));
 	}
 	closedir(d);
 	if (r < 0) {

@@ -8,6 +8,7 @@
  * Layout under the spool directory:
  *   lock                  flock'd by the running daemon (holds its pid)
  *   w<N>/seg-<SEQ>.log    worker N's segments, SEQ increasing
+ *   w<N>/spare-<K>.log    dead segment files kept for reuse (K < 2; never read)
  *
  * Threads: spool_open/spool_close on the main thread before/after the
  * engine runs; everything taking a spool_worker on that worker's thread.

@@ -215,8 +215,13 @@ static void seg_read(struct scan *sc, size_t si, const struct seg *s, const uint
 		log_warn("spool: %s: not a segment (bad header); skipped", s->path);
 		return;
 	}
+	if (sh.version >= 2 && s->seq != UINT64_MAX && sh.seq != s->seq) {
+		/* its records are bound to the header's seq (record.h): the header is damaged */
+		log_warn("spool: %s: the header's sequence is not the name's; skipped", s->path);
+		return;
+	}
 	struct record_reader rr;
-	record_reader_init(&rr, SEGMENT_HEADER_SIZE);
+	record_reader_init_segment(&rr, &sh, SEGMENT_HEADER_SIZE);
 	while (!sc->oom) {
 		struct record rec;
 		int r = record_next(&rr, map, len, &rec);

@@ -559,6 +559,7 @@ static int ctl_write(const char *spool, const struct ctl_msg *recs, size_t n, ch
 		    &(struct state_rec){.state = recs[i].state, .flags = recs[i].flags});
 		struct iovec iov = {p + RECORD_HEADER_SIZE, STATE_PAYLOAD_SIZE};
 		record_header_encode(p, RECORD_STATE, 0, recs[i].id, &iov, 1);
+		record_header_bind(p, seq);
 	}
 	char name[64];
 	snprintf(name, sizeof(name), "seg-%016" PRIx64 ".log", seq);

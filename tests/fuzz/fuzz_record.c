@@ -9,10 +9,15 @@
  *      and that chain must decode exactly, in order, before anything else;
  *   3. the input as the payload of one record built by the encoder from
  *      iovec pieces, which must decode back to the same octets.
+ * A version-2 segment (its header says so) is read with records bound to its
+ * seq; anything else with version-1 records.
  * Invariants: every record returned lies within the buffer, right after its
- * header, and its checksum verifies (recomputed with the table code); offsets
- * strictly increase; 0 comes only before nothing but zero octets; resync
- * moves forward in 8-octet steps onto a record that then decodes. A state
+ * header, and its checksum verifies (recomputed with the table code, and in
+ * version 2 with the salt and tag computed here from the format's text);
+ * offsets strictly increase; in version 1, 0 comes only before nothing but
+ * zero octets; in version 2, only where no record of the segment starts, at
+ * that offset or any later one; resync moves forward in 8-octet steps onto a
+ * record that then decodes. A state
  * record's payload that decodes (queue/state.h) encodes back to the same 16
  * octets (every octet is a field: state, flags, attempts, recipient, until).
  */
@@ -37,7 +42,46 @@ static uint64_t le64(const uint8_t *p)
 	return (uint64_t)le32(p) | (uint64_t)le32(p + 4) << 32;
 }
 
-static void check_record(const uint8_t *buf, size_t size, const struct record *r)
+/* Version 2's binding, from record.h's text: NULL for version 1. */
+struct bind {
+	uint32_t salt;
+	uint16_t tag;
+};
+
+static struct bind bind_of(uint64_t seq)
+{
+	return (struct bind){(uint32_t)seq ^ (uint32_t)(seq >> 32) ^ 0x32565350u, (uint16_t)seq};
+}
+
+/* The crc a record with header h and len payload octets should carry. */
+static uint32_t want_crc(const uint8_t *h, uint32_t len, const struct bind *b)
+{
+	if (!b)
+		return crc32c_sw(0, h + 8, 16 + (size_t)len);
+	static const uint8_t zero_tag[2];
+	uint32_t crc = crc32c_sw(0, h + 8, 6);
+	crc = crc32c_sw(crc, zero_tag, 2);
+	crc = crc32c_sw(crc, h + 16, 8 + (size_t)len);
+	return crc ^ b->salt;
+}
+
+/* Whether a valid record (of the binding b) starts at p. */
+static bool valid_at(const uint8_t *buf, size_t size, uint64_t p, const struct bind *b)
+{
+	if (p > size || size - p < RECORD_HEADER_SIZE)
+		return false;
+	const uint8_t *h = buf + p;
+	uint32_t len = le32(h + 8);
+	if (le32(h) != RECORD_MAGIC || len > RECORD_MAX_PAYLOAD ||
+	    len > size - p - RECORD_HEADER_SIZE)
+		return false;
+	if (b && (uint16_t)(h[14] | h[15] << 8) != b->tag)
+		return false;
+	return want_crc(h, len, b) == le32(h + 4);
+}
+
+static void check_record(const uint8_t *buf, size_t size, const struct record *r,
+                         const struct bind *b)
 {
 	if (r->error != RECORD_OK || r->need != 0)
 		abort();
@@ -49,7 +93,9 @@ static void check_record(const uint8_t *buf, size_t size, const struct record *r
 		abort();
 	if (le32(h) != RECORD_MAGIC || le32(h + 8) != r->length)
 		abort();
-	if (crc32c_sw(0, h + 8, 16 + r->length) != le32(h + 4))
+	if (want_crc(h, (uint32_t)r->length, b) != le32(h + 4))
+		abort();
+	if (b && (uint16_t)(h[14] | h[15] << 8) != b->tag)
 		abort();
 	if (r->raw_type != h[12] || r->flags != h[13] || r->queue_id != le64(h + 16))
 		abort();
@@ -69,15 +115,25 @@ static void check_record(const uint8_t *buf, size_t size, const struct record *r
  * Reads buf from start to the end with resync. If prefix is not NULL, the
  * first nprefix records must be at those offsets, before any problem.
  */
-static void run_reader(const uint8_t *buf, size_t size, uint64_t start, const uint64_t *prefix,
-                       size_t nprefix)
+static void run_reader(const uint8_t *buf, size_t size, uint64_t start,
+                       const struct segment_header *sh, const uint64_t *prefix, size_t nprefix)
 {
 	struct record_reader rr;
 	struct record r;
 	uint64_t last = 0; /* offset of the last record or problem reported + 1 */
 	size_t nrec = 0;
+	struct bind bd;
+	const struct bind *b = NULL;
 
-	record_reader_init(&rr, start);
+	if (sh) {
+		record_reader_init_segment(&rr, sh, start);
+		if (sh->version >= 2) {
+			bd = bind_of(sh->seq);
+			b = &bd;
+		}
+	} else {
+		record_reader_init(&rr, start);
+	}
 	for (size_t turns = 0;; turns++) {
 		if (turns > size / 8 + 4)
 			abort(); /* no progress */
@@ -87,7 +143,7 @@ static void run_reader(const uint8_t *buf, size_t size, uint64_t start, const ui
 			abort();
 		last = r.offset + 1;
 		if (rc == 1) {
-			check_record(buf, size, &r);
+			check_record(buf, size, &r, b);
 			if (record_reader_offset(&rr) != cur + record_encoded_size(r.length))
 				abort();
 			if (nrec < nprefix && prefix[nrec] != r.offset)
@@ -100,8 +156,19 @@ static void run_reader(const uint8_t *buf, size_t size, uint64_t start, const ui
 		if (rc == 0) {
 			if (r.error != RECORD_OK || r.payload || record_reader_offset(&rr) != cur)
 				abort();
-			for (uint64_t i = cur; i < size; i++)
-				if (buf[i])
+			if (!b) {
+				for (uint64_t i = cur; i < size; i++)
+					if (buf[i])
+						abort();
+				return;
+			}
+			/* not ours here (magic and tag), and nothing of ours later */
+			if (cur < size && size - cur >= RECORD_HEADER_SIZE &&
+			    le32(buf + cur) == RECORD_MAGIC &&
+			    (uint16_t)(buf[cur + 14] | buf[cur + 15] << 8) == b->tag)
+				abort();
+			for (uint64_t q = cur; q < size; q += 8)
+				if (valid_at(buf, size, q, b))
 					abort();
 			return;
 		}
@@ -112,6 +179,10 @@ static void run_reader(const uint8_t *buf, size_t size, uint64_t start, const ui
 			if (r.need < RECORD_HEADER_SIZE || cur + r.need <= size)
 				abort();
 			break;
+		case RECORD_E_TAG:
+			if (!b)
+				abort();
+			/* fall through */
 		case RECORD_E_CHECKSUM:
 		case RECORD_E_MAGIC:
 		case RECORD_E_LENGTH:
@@ -137,9 +208,19 @@ static void run_reader(const uint8_t *buf, size_t size, uint64_t start, const ui
 	}
 }
 
-/* Pass 2: fixes the crc of every header along the chain; returns the chain's offsets. */
-static size_t repair(uint8_t *buf, size_t size, uint64_t start, uint64_t *chain)
+/*
+ * Pass 2: fixes the crc (and in version 2 the tag) of every header along the
+ * chain; returns the chain's offsets.
+ */
+static size_t repair(uint8_t *buf, size_t size, uint64_t start, const struct segment_header *sh,
+                     uint64_t *chain)
 {
+	struct bind bd;
+	const struct bind *b = NULL;
+	if (sh && sh->version >= 2) {
+		bd = bind_of(sh->seq);
+		b = &bd;
+	}
 	size_t n = 0;
 	bool contiguous = true;
 	uint64_t p = start;
@@ -153,7 +234,11 @@ static size_t repair(uint8_t *buf, size_t size, uint64_t start, uint64_t *chain)
 			p += 8;
 			continue;
 		}
-		uint32_t crc = crc32c(0, h + 8, 16 + (size_t)len);
+		if (b) {
+			h[14] = (uint8_t)b->tag;
+			h[15] = (uint8_t)(b->tag >> 8);
+		}
+		uint32_t crc = want_crc(h, len, b);
 		for (int i = 0; i < 4; i++)
 			h[4 + i] = (uint8_t)(crc >> (8 * i));
 		if (contiguous)
@@ -199,11 +284,27 @@ static void roundtrip(const uint8_t *data, size_t size)
 	record_reader_init(&rr, 0);
 	if (record_next(&rr, buf, total, &r) != 1)
 		abort();
-	check_record(buf, total, &r);
+	check_record(buf, total, &r, NULL);
 	if (r.offset != 0 || r.length != size || r.raw_type != type || r.queue_id != id ||
 	    r.flags != (uint8_t)seed || (size && memcmp(r.payload, data, size) != 0))
 		abort();
 	if (record_next(&rr, buf, total, &r) != 0 || r.offset != total)
+		abort();
+
+	/* bound to a segment: read there, and not in a segment of another seq */
+	uint64_t seq = id >> 7;
+	struct segment_header sh = {SEGMENT_VERSION, 0, seq, 0};
+	struct bind b = bind_of(seq);
+	record_header_bind(buf, seq);
+	record_reader_init_segment(&rr, &sh, 0);
+	if (record_next(&rr, buf, total, &r) != 1)
+		abort();
+	check_record(buf, total, &r, &b);
+	if (r.length != size || r.queue_id != id || (size && memcmp(r.payload, data, size) != 0))
+		abort();
+	sh.seq = seq + 1;
+	record_reader_init_segment(&rr, &sh, 0);
+	if (record_next(&rr, buf, total, &r) != 0)
 		abort();
 	free(buf);
 }
@@ -220,12 +321,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		memcpy(buf, data, size);
 	if (crc32c(0, buf, size) != crc32c_sw(0, buf, size))
 		abort();
-	/* a segment from its header; anything else as bare records from offset 0 */
-	uint64_t start = segment_header_decode(buf, size, &sh) == 0 ? SEGMENT_HEADER_SIZE : 0;
+	/* a segment from its header; anything else as bare version-1 records from offset 0 */
+	bool seg = segment_header_decode(buf, size, &sh) == 0;
+	uint64_t start = seg ? SEGMENT_HEADER_SIZE : 0;
 
-	run_reader(buf, size, start, NULL, 0);
-	size_t n = repair(buf, size, start, chain);
-	run_reader(buf, size, start, chain, n);
+	run_reader(buf, size, start, seg ? &sh : NULL, NULL, 0);
+	size_t n = repair(buf, size, start, seg ? &sh : NULL, chain);
+	run_reader(buf, size, start, seg ? &sh : NULL, chain, n);
 	roundtrip(data, size);
 
 	free(chain);

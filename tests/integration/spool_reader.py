@@ -5,14 +5,19 @@ Written from the format description, not from the C code, so that the tests
 check the daemon's files against a second implementation. Little-endian:
 
   SPOOL/w<N>/seg-<16 hex>.log
-    segment header, 32 octets: "PHSPOOL1", u32 version (1), u32 worker,
+    segment header, 32 octets: "PHSPOOL1", u32 version (1 or 2), u32 worker,
                                u64 seq, u64 ctime
     records, each at an offset that is a multiple of 8:
       header, 24 octets: u32 magic 0x52485350, u32 crc32c, u32 length,
-                         u8 type, u8 flags, u16 reserved, u64 queue_id
+                         u8 type, u8 flags, u16 tag, u64 queue_id
       `length` payload octets, then zero padding to a multiple of 8
-    crc32c (Castagnoli) covers the 16 header octets after the crc field and
-    the payload.
+    version 1: crc32c (Castagnoli) covers the 16 header octets after the crc
+    field and the payload; the tag ("reserved") is ignored.
+    version 2 (records bound to the segment's seq, so that a recycled file's
+    older contents never read as records): tag = seq & 0xffff and must match;
+    crc = crc32c over the same octets with the tag taken as 0, xor
+    (seq & 0xffffffff) ^ (seq >> 32) ^ 0x32565350.
+  SPOOL/w<N>/spare-<K>.log: dead segment files kept for reuse; never read.
 
   type 1 (message): payload = envelope + body
     envelope: u32 env_len (octets of the envelope, this field included),
@@ -25,7 +30,11 @@ check the daemon's files against a second implementation. Little-endian:
 A damaged record (bad magic, checksum, length past the end of the file, bad
 envelope) is reported in Scan.bad and skipped: the reader looks for the next
 valid record header at the following 8-octet boundaries, so a torn tail or a
-damaged record in the middle never hides the good records after it.
+damaged record in the middle never hides the good records after it. In a
+version-2 segment, a position that is not a record of the segment (wrong
+magic or tag: zeros, an older incarnation's records or their remains) is the
+end when no valid record of the segment follows and the header would not
+verify with the magic and tag taken as right; otherwise it is damage.
 
 Usage as a module: scan(DIR) -> Scan (see below). As a script:
   spool_reader.py [--ids] [--bodies] DIR
@@ -36,7 +45,8 @@ import struct
 import sys
 
 SEGMENT_MAGIC = b"PHSPOOL1"
-SEGMENT_VERSION = 1
+SEGMENT_VERSIONS = (1, 2)
+SALT_KEY = 0x32565350
 SEGMENT_HEADER = struct.Struct("<8sIIQQ")  # 32 octets
 RECORD_MAGIC = 0x52485350
 RECORD_HEADER = struct.Struct("<IIIBBHQ")  # 24 octets
@@ -239,23 +249,50 @@ def _envelope(payload, keep_body):
     return f
 
 
-def _try_record(buf, off, size):
-    """Validates the record at off. Returns (type, flags, qid, payload_end) or raises _Bad."""
+def _crc(buf, off, end, bind):
+    """The crc the record at off (payload up to end) should carry; bind: (salt, tag) or None."""
+    if bind is None:
+        c = crc32c(buf[off + 8:off + RECORD_HEADER.size])
+    else:
+        c = crc32c(buf[off + 8:off + 14])
+        c = crc32c(b"\0\0", c)
+        c = crc32c(buf[off + 16:off + RECORD_HEADER.size], c)
+    c = crc32c(buf[off + RECORD_HEADER.size:end], c)
+    return c if bind is None else c ^ bind[0]
+
+
+class _NotOurs(_Bad):
+    pass
+
+
+def _try_record(buf, off, size, bind=None):
+    """Validates the record at off. Returns (type, flags, qid, payload_end) or raises _Bad
+    (_NotOurs for a version-2 header whose magic or tag is not the segment's)."""
     if off + RECORD_HEADER.size > size:
         raise _Bad("torn record header (%d octets left)" % (size - off))
-    magic, crc, length, rtype, rflags, _res, qid = RECORD_HEADER.unpack_from(buf, off)
+    magic, crc, length, rtype, rflags, tag, qid = RECORD_HEADER.unpack_from(buf, off)
     if magic != RECORD_MAGIC:
-        raise _Bad("bad record magic 0x%08x" % magic)
+        raise _NotOurs("bad record magic 0x%08x" % magic)
+    if bind is not None and tag != bind[1]:
+        raise _NotOurs("record tag 0x%04x, not the segment's 0x%04x" % (tag, bind[1]))
     if length > RECORD_MAX_PAYLOAD:
         raise _Bad("impossible record length %d" % length)
     end = off + RECORD_HEADER.size + length
     if end > size:
         raise _Bad("torn record: length %d past the end of the file" % length)
-    c = crc32c(buf[off + 8:off + RECORD_HEADER.size])
-    c = crc32c(buf[off + RECORD_HEADER.size:end], c)
+    c = _crc(buf, off, end, bind)
     if c != crc:
         raise _Bad("bad checksum (stored 0x%08x, computed 0x%08x)" % (crc, c))
     return rtype, rflags, qid, end
+
+
+def _ours_but_magic_or_tag(buf, off, size, bind):
+    """Whether the header at off would verify with its magic and tag taken as right."""
+    if off + RECORD_HEADER.size > size:
+        return False
+    _m, crc, length, _t, _f, _tag, _q = RECORD_HEADER.unpack_from(buf, off)
+    end = off + RECORD_HEADER.size + length
+    return length <= RECORD_MAX_PAYLOAD and end <= size and _crc(buf, off, end, bind) == crc
 
 
 def _align(n):
@@ -280,9 +317,20 @@ def _scan_segment(path, keep_bodies, ids_only=False):
         return seg, msgs, other, bad, bad_env
     magic, version, worker, seq, ctime = SEGMENT_HEADER.unpack_from(data, 0)
     seg.version, seg.worker, seg.seq, seg.ctime = version, worker, seq, ctime
-    if magic != SEGMENT_MAGIC or version != SEGMENT_VERSION:
+    if magic != SEGMENT_MAGIC or version not in SEGMENT_VERSIONS:
         seg.error = "bad segment header (magic %r, version %d)" % (magic, version)
         return seg, msgs, other, bad, bad_env
+    bind = None
+    if version >= 2:
+        bind = ((seq & 0xFFFFFFFF) ^ (seq >> 32) ^ SALT_KEY, seq & 0xFFFF)
+        name = os.path.basename(path)
+        if name.startswith("seg-") and name.endswith(".log"):
+            try:
+                if int(name[4:-4], 16) != seq:
+                    seg.error = "header sequence %x is not the name's" % seq
+                    return seg, msgs, other, bad, bad_env
+            except ValueError:
+                pass
     buf = memoryview(data)
     magic_bytes = struct.pack("<I", RECORD_MAGIC)
     off = SEGMENT_HEADER.size
@@ -290,11 +338,10 @@ def _scan_segment(path, keep_bodies, ids_only=False):
         if off >= size:
             break
         try:
-            rtype, rflags, qid, end = _try_record(buf, off, size)
+            rtype, rflags, qid, end = _try_record(buf, off, size, bind)
         except _Bad as e:
             if not any(data[off:]):
                 break  # nothing but zeros: blocks allocated, never written; a clean end
-            bad.append((path, off, str(e)))
             # resynchronise: the next 8-aligned offset holding a valid record
             nxt = off + ALIGN
             found = None
@@ -306,12 +353,23 @@ def _scan_segment(path, keep_bodies, ids_only=False):
                     nxt = i + (ALIGN - i % ALIGN)
                     continue
                 try:
-                    _try_record(buf, i, size)
+                    _try_record(buf, i, size, bind)
                 except _Bad:
                     nxt = i + ALIGN
                     continue
                 found = i
                 break
+            if bind is not None and found is None:
+                # version 2: not ours, nothing of ours after it: the end, unless the
+                # header is ours with a damaged magic or tag
+                if isinstance(e, _NotOurs) and not _ours_but_magic_or_tag(buf, off, size, bind):
+                    break
+                if off + RECORD_HEADER.size > size and not isinstance(e, _NotOurs):
+                    cut = data[off:]
+                    if (magic_bytes[:len(cut)] != cut[:4] or
+                            (len(cut) >= 16 and struct.unpack_from("<H", cut, 14)[0] != bind[1])):
+                        break  # a cut header that is not ours
+            bad.append((path, off, str(e)))
             if found is None:
                 break
             off = found
@@ -341,9 +399,10 @@ def _scan_segment(path, keep_bodies, ids_only=False):
     return seg, msgs, other, bad, bad_env
 
 
-# Segments are append-only and never written again once their daemon is gone:
-# their parse is cached by (path, device, inode, size, mtime) so that repeated
-# scans of a growing spool (the crash loop) only read the new files.
+# Segments are append-only and never written again once their daemon is gone
+# (a recycled file comes back under a new name): their parse is cached by
+# (path, device, inode, size, mtime) so that repeated scans of a growing spool
+# (the crash loop) only read the new files.
 _cache = {}
 
 

@@ -599,6 +599,10 @@ static void write_file(const char *path, const struct buf *b)
 	close(fd);
 }
 
+/* The segment seg_start began: its seq, and whether it is version 1 (records not bound). */
+static uint64_t seg_seq;
+static bool seg_v1;
+
 /* Appends a record of type `type` whose payload is p[0..len), with its padding. */
 static size_t seg_record(struct buf *seg, uint8_t type, uint64_t id, const uint8_t *p, size_t len)
 {
@@ -607,6 +611,8 @@ static size_t seg_record(struct buf *seg, uint8_t type, uint64_t id, const uint8
 	struct iovec iov = {(void *)p, len};
 	size_t at = seg->len;
 	size_t pad = record_header_encode(hdr, (enum record_type)type, 0, id, &iov, 1);
+	if (!seg_v1)
+		record_header_bind(hdr, seg_seq);
 	buf_put(seg, hdr, sizeof(hdr));
 	buf_put(seg, p, len);
 	buf_put(seg, zeros, pad);
@@ -618,7 +624,17 @@ static void seg_start(struct buf *seg, uint32_t worker, uint64_t seq)
 	uint8_t hdr[SEGMENT_HEADER_SIZE];
 	seg->len = 0;
 	segment_header_encode(hdr, worker, seq, 1700000000);
+	seg_seq = seq;
+	seg_v1 = false;
 	buf_put(seg, hdr, sizeof(hdr));
+}
+
+/* The same as an older writer made it: version 1. */
+static void seg_start_v1(struct buf *seg, uint32_t worker, uint64_t seq)
+{
+	seg_start(seg, worker, seq);
+	seg->p[8] = SEGMENT_VERSION_V1;
+	seg_v1 = true;
 }
 
 static void test_scan(void **state)
@@ -664,8 +680,8 @@ static void test_scan(void **state)
 	snprintf(path, sizeof(path), "%s/w0/seg-%016x.log", dir, 1);
 	write_file(path, &seg);
 
-	/* w1/seg 2 (newest of w1): one message, then a torn tail (a write in progress) */
-	seg_start(&seg, 1, 2);
+	/* w1/seg 2 (newest of w1, version 1): a message, then a torn tail (a write in progress) */
+	seg_start_v1(&seg, 1, 2);
 	size_t o4 = seg_record(&seg, RECORD_MESSAGE, 0x200, msg.p, msg.len);
 	keep = seg.len;
 	seg_record(&seg, RECORD_MESSAGE, 0x201, msg.p, msg.len);
@@ -677,6 +693,15 @@ static void test_scan(void **state)
 	seg_start(&seg, 0, 3);
 	size_t o5 = seg_record(&seg, RECORD_MESSAGE, 0x300, msg.p, msg.len);
 	snprintf(path, sizeof(path), "%s/w0/seg-%016x.log", dir, 3);
+	write_file(path, &seg);
+
+	/* a spare (a dead segment kept for reuse) is never read, whatever it holds */
+	seg_start(&seg, 0, 5);
+	seg_record(&seg, RECORD_MESSAGE, 0x500, msg.p, msg.len);
+	snprintf(path, sizeof(path), "%s/w0/spare-0.log", dir);
+	write_file(path, &seg);
+	/* ... and neither is a segment whose header's seq is not its name's (damaged) */
+	snprintf(path, sizeof(path), "%s/w0/seg-%016x.log", dir, 6);
 	write_file(path, &seg);
 
 	/* not segments: a header-less new file, junk names, the lock */

@@ -2,7 +2,10 @@
  * Unit tests of queue/record: tables of named cases. Segments are built with
  * the encoder (header + payload slices + zero padding, as the spool writes
  * them), then decoded whole, damaged case by case, cut at every offset,
- * grown one octet at a time, and bit-flipped at every bit.
+ * grown one octet at a time, and bit-flipped at every bit. The tables are
+ * version-1 segments (still read); the version-2 tests at the end add
+ * records bound to their segment and recycled files (an earlier
+ * incarnation's octets after the data).
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -36,6 +39,8 @@ struct seg {
 	size_t len, cap;
 	struct expect_rec rec[MAX_RECS];
 	unsigned n;
+	bool v2;      /* records bound to seq */
+	uint64_t seq; /* the header's */
 };
 
 static void seg_put(struct seg *s, const void *p, size_t n)
@@ -50,13 +55,38 @@ static void seg_put(struct seg *s, const void *p, size_t n)
 	s->len += n;
 }
 
+/* A version-1 segment (seq 42): the header as an older writer made it. */
 static void seg_init(struct seg *s)
 {
 	uint8_t hdr[SEGMENT_HEADER_SIZE];
 
 	memset(s, 0, sizeof(*s));
 	segment_header_encode(hdr, 3, 42, 1700000000);
+	hdr[8] = SEGMENT_VERSION_V1;
+	s->seq = 42;
 	seg_put(s, hdr, sizeof(hdr));
+}
+
+/* A version-2 segment of sequence seq: its records are bound to it. */
+static void seg_init_v2(struct seg *s, uint64_t seq)
+{
+	uint8_t hdr[SEGMENT_HEADER_SIZE];
+
+	memset(s, 0, sizeof(*s));
+	segment_header_encode(hdr, 3, seq, 1700000000);
+	s->v2 = true;
+	s->seq = seq;
+	seg_put(s, hdr, sizeof(hdr));
+}
+
+/* A reader for s as the spool makes one: from its header. */
+static void seg_reader(struct record_reader *rr, const struct seg *s, uint64_t offset)
+{
+	struct segment_header h;
+
+	assert_int_equal(segment_header_decode(s->buf, s->len, &h), 0);
+	assert_int_equal(h.version, s->v2 ? SEGMENT_VERSION : SEGMENT_VERSION_V1);
+	record_reader_init_segment(rr, &h, offset);
 }
 
 static void seg_free(struct seg *s)
@@ -100,6 +130,8 @@ static void seg_add_pieces(struct seg *s, unsigned raw_type, uint8_t flags, uint
 
 	uint8_t hdr[RECORD_HEADER_SIZE];
 	size_t pad = record_header_encode(hdr, (enum record_type)raw_type, flags, id, iov, npieces);
+	if (s->v2)
+		record_header_bind(hdr, s->seq);
 	assert_int_equal(pad, record_encoded_size(total) - RECORD_HEADER_SIZE - total);
 	assert_true(pad < 8);
 	s->rec[s->n++] = (struct expect_rec){raw_type, flags, id, s->len, total};
@@ -525,13 +557,14 @@ struct seghdr_case {
 };
 
 static const struct seghdr_case seghdr_cases[] = {
-    {"seghdr_roundtrip", 32, -1, 0, 0, 1, true},
-    {"seghdr_longer_buffer", 100, -1, 0, 0, 1, true},
+    {"seghdr_roundtrip", 32, -1, 0, 0, 2, true},
+    {"seghdr_longer_buffer", 100, -1, 0, 0, 2, true},
     {"seghdr_short", 31, -1, 0, -1, 0, false},
     {"seghdr_empty", 0, -1, 0, -1, 0, false},
     {"seghdr_bad_magic_first", 32, 0, 'X', -1, 0, false},
     {"seghdr_bad_magic_last", 32, 7, '2', -1, 0, false},
-    {"seghdr_version_2", 32, 8, 2, -1, 2, true},
+    {"seghdr_version_1", 32, 8, 1, 0, 1, true},
+    {"seghdr_version_3", 32, 8, 3, -1, 3, true},
     {"seghdr_version_0", 32, 8, 0, -1, 0, true},
 };
 
@@ -543,7 +576,7 @@ static void test_seghdr(void **state)
 
 	memset(buf, 0x77, sizeof(buf));
 	segment_header_encode(buf, 0xdeadbeefu, 0x0102030405060708ull, 1700000000u);
-	assert_memory_equal(buf, "PHSPOOL1\x01\x00\x00\x00\xef\xbe\xad\xde", 16);
+	assert_memory_equal(buf, "PHSPOOL1\x02\x00\x00\x00\xef\xbe\xad\xde", 16);
 	if (c->patch_at >= 0)
 		buf[c->patch_at] = c->patch;
 	uint8_t *copy = malloc(c->len ? c->len : 1);
@@ -565,11 +598,16 @@ static void test_seghdr(void **state)
 /* ---- fixed tests: every cut, every length, every bit ---- */
 
 /* ~20 records of varied sizes and types. */
-static void build_big(struct seg *s)
+#define V2_SEQ 0x123456789abull /* the version-2 runs' segment */
+
+static void build_big_v(struct seg *s, bool v2)
 {
 	static const size_t lens[] = {0,  1,  7, 8, 9,   23, 24, 25, 100, 3,
 	                              64, 65, 0, 2, 300, 17, 5,  16, 31,  4};
-	seg_init(s);
+	if (v2)
+		seg_init_v2(s, V2_SEQ);
+	else
+		seg_init(s);
 	for (size_t i = 0; i < ARRAY_SIZE(lens); i++) {
 		unsigned type = i % 7 == 6 ? 200 : i % 5 == 4 ? RECORD_PAD : 1 + (unsigned)(i % 2);
 		seg_add(s, type, 1000 + i, lens[i]);
@@ -587,13 +625,13 @@ static unsigned whole_before(const struct seg *s, size_t cut)
 }
 
 /* Cut at every offset: the whole records decode, then 0 or a torn record, never another. */
-static void test_truncate_everywhere(void **state)
+static void truncate_everywhere(bool v2)
 {
 	struct record_reader rr;
 	struct record r;
 	struct seg s;
 
-	build_big(&s);
+	build_big_v(&s, v2);
 	for (size_t cut = 0; cut <= s.len; cut++) {
 		uint8_t *buf = malloc(cut ? cut : 1);
 		assert_non_null(buf);
@@ -602,7 +640,7 @@ static void test_truncate_everywhere(void **state)
 		assert_int_equal(segment_header_decode(buf, cut, &h), cut >= 32 ? 0 : -1);
 
 		unsigned k = whole_before(&s, cut);
-		record_reader_init(&rr, SEGMENT_HEADER_SIZE);
+		seg_reader(&rr, &s, SEGMENT_HEADER_SIZE);
 		expect_records(&rr, &s, buf, cut, 0, k);
 		int rc = record_next(&rr, buf, cut, &r);
 		/* where the next record would start: after record k-1's padding */
@@ -627,15 +665,15 @@ static void test_truncate_everywhere(void **state)
 }
 
 /* One reader over a "file" that grows one octet at a time: each record exactly once, in order. */
-static void test_growing_buffer(void **state)
+static void growing_buffer(bool v2)
 {
 	struct record_reader rr;
 	struct record r;
 	struct seg s;
 	unsigned got = 0;
 
-	build_big(&s);
-	record_reader_init(&rr, SEGMENT_HEADER_SIZE);
+	build_big_v(&s, v2);
+	seg_reader(&rr, &s, SEGMENT_HEADER_SIZE);
 	for (size_t len = 0; len <= s.len; len++) {
 		int rc;
 		while ((rc = record_next(&rr, s.buf, len, &r)) == 1) {
@@ -652,17 +690,17 @@ static void test_growing_buffer(void **state)
 }
 
 /* Zero tails of every length 1..80 after the records: a clean end where the records end. */
-static void test_zero_tails(void **state)
+static void zero_tails(bool v2)
 {
 	struct record_reader rr;
 	struct seg s;
 
-	build_big(&s);
+	build_big_v(&s, v2);
 	size_t end = s.len;
 	for (size_t z = 1; z <= 80; z++) {
 		uint8_t zero = 0;
 		seg_put(&s, &zero, 1);
-		record_reader_init(&rr, SEGMENT_HEADER_SIZE);
+		seg_reader(&rr, &s, SEGMENT_HEADER_SIZE);
 		expect_records(&rr, &s, s.buf, s.len, 0, s.n);
 		expect_end(&rr, s.buf, s.len, end);
 	}
@@ -675,14 +713,17 @@ static void test_zero_tails(void **state)
  * padding it changes nothing; in the segment header only magic and version
  * are detected.
  */
-static void test_bitflip_everywhere(void **state)
+static void bitflip_everywhere(bool v2)
 {
 	struct record_reader rr;
 	struct record r;
 	struct seg s;
-	unsigned counts[5] = {0};
+	unsigned counts[6] = {0};
 
-	seg_init(&s);
+	if (v2)
+		seg_init_v2(&s, V2_SEQ);
+	else
+		seg_init(&s);
 	seg_add(&s, RECORD_MESSAGE, 1, 5);
 	seg_add(&s, RECORD_STATE, 2, 0);
 	seg_add(&s, RECORD_MESSAGE, 3, 16);
@@ -705,7 +746,7 @@ static void test_bitflip_everywhere(void **state)
 		for (unsigned i = 0; i < s.n; i++)
 			if (at >= s.rec[i].offset && at < rec_end(&s, i))
 				hit = i;
-		record_reader_init(&rr, SEGMENT_HEADER_SIZE);
+		seg_reader(&rr, &s, SEGMENT_HEADER_SIZE);
 		if (hit == s.n) {
 			expect_records(&rr, &s, buf, s.len, 0, s.n);
 			expect_end(&rr, buf, s.len, s.len);
@@ -715,7 +756,8 @@ static void test_bitflip_everywhere(void **state)
 		assert_int_equal(record_next(&rr, buf, s.len, &r), -1);
 		assert_int_equal(r.offset, s.rec[hit].offset);
 		if (r.error != RECORD_E_CHECKSUM && r.error != RECORD_E_MAGIC &&
-		    r.error != RECORD_E_LENGTH && r.error != RECORD_E_TORN)
+		    r.error != RECORD_E_LENGTH && r.error != RECORD_E_TORN &&
+		    !(v2 && r.error == RECORD_E_TAG))
 			fail_msg("bit %zu: error %d", bit, r.error);
 		counts[r.error]++;
 		uint64_t q = record_resync(&rr, buf, s.len);
@@ -730,8 +772,55 @@ static void test_bitflip_everywhere(void **state)
 	/* every kind of report came up */
 	assert_true(counts[RECORD_E_CHECKSUM] > 0 && counts[RECORD_E_MAGIC] > 0 &&
 	            counts[RECORD_E_LENGTH] > 0 && counts[RECORD_E_TORN] > 0);
+	assert_true(v2 ? counts[RECORD_E_TAG] > 0 : counts[RECORD_E_TAG] == 0);
 	free(buf);
 	seg_free(&s);
+}
+
+static void test_truncate_everywhere(void **state)
+{
+	truncate_everywhere(false);
+}
+
+static void test_truncate_everywhere_v2(void **state)
+{
+	truncate_everywhere(true);
+}
+
+static void test_growing_buffer(void **state)
+{
+	growing_buffer(false);
+}
+
+static void test_growing_buffer_v2(void **state)
+{
+	growing_buffer(true);
+}
+
+static void test_zero_tails(void **state)
+{
+	zero_tails(false);
+}
+
+static void test_zero_tails_v2(void **state)
+{
+	zero_tails(true);
+}
+
+static void test_bitflip_everywhere(void **state)
+{
+	bitflip_everywhere(false);
+}
+
+/* The same in version 2, the reader made from the intact header (the spool checks its seq). */
+static void test_bitflip_everywhere_v2(void **state)
+{
+	bitflip_everywhere(true);
+}
+
+static void build_big(struct seg *s)
+{
+	build_big_v(s, false);
 }
 
 /* A reader started past a damaged region, and a segment without its header (offset 0). */
@@ -759,8 +848,8 @@ static void test_reader_offsets(void **state)
 
 static void test_error_strings(void **state)
 {
-	static const enum record_error all[] = {RECORD_OK, RECORD_E_TORN, RECORD_E_CHECKSUM,
-	                                        RECORD_E_MAGIC, RECORD_E_LENGTH};
+	static const enum record_error all[] = {RECORD_OK,      RECORD_E_TORN,   RECORD_E_CHECKSUM,
+	                                        RECORD_E_MAGIC, RECORD_E_LENGTH, RECORD_E_TAG};
 	for (size_t i = 0; i < ARRAY_SIZE(all); i++) {
 		assert_non_null(record_error_str(all[i]));
 		assert_true(record_error_str(all[i])[0] != '\0');
@@ -768,6 +857,254 @@ static void test_error_strings(void **state)
 			assert_string_not_equal(record_error_str(all[i]), record_error_str(all[j]));
 	}
 	assert_non_null(record_error_str((enum record_error)99));
+}
+
+/* ---- version 2: records bound to the segment, recycled files ---- */
+
+static uint32_t le32_at(const uint8_t *p)
+{
+	return p[0] | p[1] << 8 | p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+/* The salt as record.h and docs/spool.md give it, independently of record.c. */
+static uint32_t salt_of(uint64_t seq)
+{
+	return (uint32_t)seq ^ (uint32_t)(seq >> 32) ^ 0x32565350u;
+}
+
+static void test_v2_roundtrip(void **state)
+{
+	struct record_reader rr;
+	struct record r;
+	struct seg s;
+
+	build_big_v(&s, true);
+	seg_reader(&rr, &s, SEGMENT_HEADER_SIZE);
+	expect_records(&rr, &s, s.buf, s.len, 0, s.n);
+	expect_end(&rr, s.buf, s.len, s.len);
+	/* the header octets as specified: tag, crc over a zero tag xor the salt */
+	assert_int_equal(record_tag(V2_SEQ), (uint16_t)V2_SEQ);
+	for (unsigned i = 0; i < s.n; i++) {
+		const uint8_t *h = s.buf + s.rec[i].offset;
+		uint8_t copy[RECORD_HEADER_SIZE];
+		assert_int_equal(h[14] | h[15] << 8, (uint16_t)V2_SEQ);
+		memcpy(copy, h, sizeof(copy));
+		copy[14] = copy[15] = 0;
+		uint32_t crc = crc32c_sw(0, copy + 8, 16);
+		crc = crc32c_sw(crc, h + RECORD_HEADER_SIZE, s.rec[i].length);
+		assert_int_equal(le32_at(h + 4), crc ^ salt_of(V2_SEQ));
+	}
+	/* a version-1 reader finds no record in it */
+	record_reader_init(&rr, SEGMENT_HEADER_SIZE);
+	assert_int_equal(record_next(&rr, s.buf, s.len, &r), -1);
+	assert_int_equal(r.error, RECORD_E_CHECKSUM);
+	assert_int_equal(record_resync(&rr, s.buf, s.len), 0);
+	/* nor does one for another seq: to it they are an earlier incarnation's, the end */
+	struct segment_header other = {SEGMENT_VERSION, 3, V2_SEQ + 1, 0};
+	record_reader_init_segment(&rr, &other, SEGMENT_HEADER_SIZE);
+	expect_end(&rr, s.buf, s.len, SEGMENT_HEADER_SIZE);
+	assert_int_equal(record_resync(&rr, s.buf, s.len), 0);
+	/* a version-1 header makes a version-1 reader */
+	other.version = SEGMENT_VERSION_V1;
+	record_reader_init_segment(&rr, &other, SEGMENT_HEADER_SIZE);
+	assert_int_equal(record_next(&rr, s.buf, s.len, &r), -1);
+	seg_free(&s);
+}
+
+/*
+ * A recycled file: nw's header and records written over the start of old
+ * (an earlier incarnation), then `zeros` zero octets (direct I/O's padding),
+ * the rest old's. The reader takes nw's records, then returns want_rc at
+ * nw's end: 0 (and resync finds nothing) or -1 with want_err.
+ */
+static void overlay_read(const struct seg *old, const struct seg *nw, size_t zeros, int want_rc,
+                         enum record_error want_err)
+{
+	struct record_reader rr;
+	struct record r;
+	size_t len = MAX(old->len, nw->len + zeros);
+	uint8_t *buf = calloc(1, len);
+
+	assert_non_null(buf);
+	memcpy(buf, old->buf, old->len);
+	memcpy(buf, nw->buf, nw->len);
+	memset(buf + nw->len, 0, zeros);
+	seg_reader(&rr, nw, SEGMENT_HEADER_SIZE);
+	expect_records(&rr, nw, buf, len, 0, nw->n);
+	int rc = record_next(&rr, buf, len, &r);
+	if (rc != want_rc)
+		fail_msg("new end %zu (+%zu zeros) over an old segment of %zu: rc %d (%s)", nw->len,
+		         zeros, old->len, rc, record_error_str(r.error));
+	assert_int_equal(r.offset, nw->len);
+	if (rc == 0) {
+		assert_int_equal(r.error, RECORD_OK);
+		assert_int_equal(record_resync(&rr, buf, len), 0);
+	} else {
+		assert_int_equal(r.error, want_err);
+	}
+	free(buf);
+}
+
+/* nw: a version-2 segment of seq whose first k records have the sizes and types of old's. */
+static void mimic(struct seg *nw, const struct seg *old, unsigned k, uint64_t seq)
+{
+	seg_init_v2(nw, seq);
+	for (unsigned i = 0; i < k; i++)
+		seg_add(nw, old->rec[i].raw_type, 700 + i, old->rec[i].length);
+}
+
+/* Stale data of an older incarnation after the end: a clean end, wherever the end falls. */
+static void test_v2_recycled_tails(void **state)
+{
+	static const size_t lens[] = {5, 40, 3, 17, 0, 64, 200, 9, 1000};
+	static const size_t zeros[] = {0, 8, 16, 24, 100, 4096};
+	struct seg old[2], nw;
+
+	build_big_v(&old[0], false); /* version 1, seq 42 */
+	build_big_v(&old[1], true);  /* version 2, seq V2_SEQ */
+	for (unsigned o = 0; o < 2; o++) {
+		/* other sizes: the end falls in the middle of old records */
+		for (unsigned k = 0; k <= ARRAY_SIZE(lens); k++) {
+			seg_init_v2(&nw, V2_SEQ + 4);
+			for (unsigned i = 0; i < k; i++)
+				seg_add(&nw, RECORD_MESSAGE, 500 + i, lens[i]);
+			for (size_t z = 0; z < ARRAY_SIZE(zeros); z++)
+				overlay_read(&old[o], &nw, zeros[z], 0, RECORD_OK);
+			seg_free(&nw);
+		}
+		/* the same sizes: the end falls on an old record's header (magic right, tag not) */
+		for (unsigned k = 0; k <= old[o].n; k++) {
+			mimic(&nw, &old[o], k, V2_SEQ + 4);
+			overlay_read(&old[o], &nw, 0, 0, RECORD_OK);
+			seg_free(&nw);
+		}
+	}
+	seg_free(&old[0]);
+	seg_free(&old[1]);
+}
+
+/*
+ * The tag is only 16 bits: an older incarnation whose tag is the same (its
+ * seq 65536 before, or version 1's 0 when the new seq's low bits are 0) is
+ * told apart by the crc only, and reads as damage, not as records or as the
+ * end. The spool does not reuse a file whose last incarnation has the tag.
+ */
+static void test_v2_tag_collision_is_damage(void **state)
+{
+	struct seg old[2], nw;
+
+	build_big_v(&old[0], false);
+	build_big_v(&old[1], true);
+	const uint64_t seqs[2] = {0x7ull << 16, V2_SEQ + 65536};
+	for (unsigned o = 0; o < 2; o++) {
+		assert_int_equal(record_tag(seqs[o]), o ? record_tag(V2_SEQ) : 0);
+		for (unsigned k = 0; k < old[o].n; k++) {
+			mimic(&nw, &old[o], k, seqs[o]);
+			overlay_read(&old[o], &nw, 0, -1, RECORD_E_CHECKSUM);
+			seg_free(&nw);
+		}
+	}
+	seg_free(&old[0]);
+	seg_free(&old[1]);
+}
+
+/* Damage in a version-2 segment is reported as in version 1, also in its last record. */
+static void test_v2_damage(void **state)
+{
+	static const size_t lens[] = {5, 16, 13, 30};
+	struct record_reader rr;
+	struct record r;
+	struct seg s, o;
+
+	seg_init_v2(&s, 77);
+	for (unsigned i = 0; i < ARRAY_SIZE(lens); i++)
+		seg_add(&s, i == 1 ? RECORD_STATE : RECORD_MESSAGE, 10 + i, lens[i]);
+	uint8_t *buf = malloc(s.len + 8);
+	assert_non_null(buf);
+	struct {
+		size_t at;     /* octet flipped (0x04) */
+		unsigned good; /* records before the problem */
+		enum record_error err;
+	} flips[] = {
+	    {s.rec[3].offset, 3, RECORD_E_MAGIC},         /* the last one's magic */
+	    {s.rec[3].offset + 15, 3, RECORD_E_TAG},      /* its tag */
+	    {s.rec[3].offset + 30, 3, RECORD_E_CHECKSUM}, /* its payload: tag right, crc wrong */
+	    {s.rec[3].offset + 9, 3, RECORD_E_TORN},      /* its length */
+	    {s.rec[1].offset + 2, 1, RECORD_E_MAGIC},     /* a magic in the middle */
+	    {s.rec[1].offset + 14, 1, RECORD_E_TAG},      /* a tag in the middle */
+	};
+	for (size_t f = 0; f < ARRAY_SIZE(flips); f++) {
+		memcpy(buf, s.buf, s.len);
+		buf[flips[f].at] ^= 0x04;
+		seg_reader(&rr, &s, SEGMENT_HEADER_SIZE);
+		expect_records(&rr, &s, buf, s.len, 0, flips[f].good);
+		assert_int_equal(record_next(&rr, buf, s.len, &r), -1);
+		assert_int_equal(r.error, flips[f].err);
+		assert_int_equal(r.offset, s.rec[flips[f].good].offset);
+		if (flips[f].good + 1 < s.n) {
+			assert_int_equal(record_resync(&rr, buf, s.len),
+			                 s.rec[flips[f].good + 1].offset);
+			expect_records(&rr, &s, buf, s.len, flips[f].good + 1, s.n);
+			expect_end(&rr, buf, s.len, s.len);
+		} else {
+			assert_int_equal(record_resync(&rr, buf, s.len), 0);
+		}
+	}
+	/* an older incarnation's record (same size) in the middle: damage, then ours again */
+	seg_init_v2(&o, 76);
+	seg_add(&o, RECORD_STATE, 11, lens[1]);
+	memcpy(buf, s.buf, s.len);
+	memcpy(buf + s.rec[1].offset, o.buf + o.rec[0].offset, record_encoded_size(lens[1]));
+	seg_reader(&rr, &s, SEGMENT_HEADER_SIZE);
+	expect_records(&rr, &s, buf, s.len, 0, 1);
+	assert_int_equal(record_next(&rr, buf, s.len, &r), -1);
+	assert_int_equal(r.error, RECORD_E_TAG);
+	assert_int_equal(record_resync(&rr, buf, s.len), s.rec[2].offset);
+	expect_records(&rr, &s, buf, s.len, 2, s.n);
+	expect_end(&rr, buf, s.len, s.len);
+	/* a zeroed hole, then ours: damage as in version 1 */
+	memcpy(buf, s.buf, s.len);
+	memset(buf + s.rec[1].offset, 0, s.rec[2].offset - s.rec[1].offset);
+	seg_reader(&rr, &s, SEGMENT_HEADER_SIZE);
+	expect_records(&rr, &s, buf, s.len, 0, 1);
+	assert_int_equal(record_next(&rr, buf, s.len, &r), -1);
+	assert_int_equal(r.error, RECORD_E_MAGIC);
+	assert_int_equal(record_resync(&rr, buf, s.len), s.rec[2].offset);
+	/* a short tail: not ours is the end, a header of ours cut short is torn */
+	memcpy(buf, s.buf, s.len);
+	memcpy(buf + s.len, "hello", 5);
+	seg_reader(&rr, &s, SEGMENT_HEADER_SIZE);
+	expect_records(&rr, &s, buf, s.len + 5, 0, s.n);
+	expect_end(&rr, buf, s.len + 5, s.len);
+	memcpy(buf + s.len, "PSHR", 4);
+	assert_int_equal(record_next(&rr, buf, s.len + 4, &r), -1);
+	assert_int_equal(r.error, RECORD_E_TORN);
+	free(buf);
+	seg_free(&o);
+	seg_free(&s);
+}
+
+/* record_header_bind: the tag, and a salt that differs for every seq below 2^32 tried. */
+static void test_v2_bind(void **state)
+{
+	static const uint64_t seqs[] = {
+	    0, 1, 2, 4096, 65535, 65536, 0xffffffffull, 1ull << 32, 0x32565350ull};
+	uint8_t payload[3] = {1, 2, 3};
+	struct iovec iov = {payload, sizeof(payload)};
+
+	for (size_t i = 0; i < ARRAY_SIZE(seqs); i++) {
+		uint8_t h[RECORD_HEADER_SIZE], b[RECORD_HEADER_SIZE];
+		record_header_encode(h, RECORD_MESSAGE, 0, 9, &iov, 1);
+		memcpy(b, h, sizeof(b));
+		record_header_bind(b, seqs[i]);
+		assert_int_equal(b[14] | b[15] << 8, (uint16_t)seqs[i]);
+		assert_int_equal(le32_at(b + 4), le32_at(h + 4) ^ salt_of(seqs[i]));
+		assert_memory_equal(b + 8, h + 8, 6); /* the rest as encoded */
+		assert_memory_equal(b + 16, h + 16, 8);
+		/* never version 1's crc, except at the one seq whose salt is 0 */
+		if (seqs[i] != 0x32565350ull)
+			assert_true(le32_at(b + 4) != le32_at(h + 4));
+	}
 }
 
 /* ---- main: one named cmocka test per table row ---- */
@@ -783,9 +1120,21 @@ static void test_error_strings(void **state)
 int main(void)
 {
 	static const struct CMUnitTest fixed[] = {
-	    cmocka_unit_test(test_truncate_everywhere), cmocka_unit_test(test_growing_buffer),
-	    cmocka_unit_test(test_zero_tails),          cmocka_unit_test(test_bitflip_everywhere),
-	    cmocka_unit_test(test_reader_offsets),      cmocka_unit_test(test_error_strings),
+	    cmocka_unit_test(test_truncate_everywhere),
+	    cmocka_unit_test(test_growing_buffer),
+	    cmocka_unit_test(test_zero_tails),
+	    cmocka_unit_test(test_bitflip_everywhere),
+	    cmocka_unit_test(test_reader_offsets),
+	    cmocka_unit_test(test_error_strings),
+	    cmocka_unit_test(test_truncate_everywhere_v2),
+	    cmocka_unit_test(test_growing_buffer_v2),
+	    cmocka_unit_test(test_zero_tails_v2),
+	    cmocka_unit_test(test_bitflip_everywhere_v2),
+	    cmocka_unit_test(test_v2_roundtrip),
+	    cmocka_unit_test(test_v2_recycled_tails),
+	    cmocka_unit_test(test_v2_tag_collision_is_damage),
+	    cmocka_unit_test(test_v2_damage),
+	    cmocka_unit_test(test_v2_bind),
 	};
 	struct CMUnitTest tests[ARRAY_SIZE(roundtrip_cases) + ARRAY_SIZE(size_cases) +
 	                        ARRAY_SIZE(damage_cases) + ARRAY_SIZE(seghdr_cases) +

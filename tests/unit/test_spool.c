@@ -355,8 +355,10 @@ static size_t segment_ids(const char *dir, uint64_t seq, uint64_t *ids, size_t m
 	static uint8_t buf[4 << 20];
 	size_t len = fread(buf, 1, sizeof(buf), f);
 	fclose(f);
+	struct segment_header h;
+	assert_int_equal(segment_header_decode(buf, len, &h), 0);
 	struct record_reader rr;
-	record_reader_init(&rr, SEGMENT_HEADER_SIZE);
+	record_reader_init_segment(&rr, &h, SEGMENT_HEADER_SIZE);
 	struct record rec;
 	size_t n = 0;
 	while (record_next(&rr, buf, len, &rec) == 1)
@@ -376,7 +378,11 @@ static uint64_t newest_seq(const char *dir)
 	return seq;
 }
 
-/* Writes dir/w0/seg-SEQ.log holding one state record per (ids[i], states[i]). */
+/*
+ * Writes dir/w0/seg-SEQ.log holding one state record per (ids[i], states[i]),
+ * as a version-1 segment (an older writer's: still read, among the daemon's
+ * version-2 ones).
+ */
 static void write_states(const char *dir, uint64_t seq, const uint64_t *ids,
 			 const enum spool_state *states, size_t n)
 {
@@ -386,6 +392,7 @@ static void write_states(const char *dir, uint64_t seq, const uint64_t *ids,
 	assert_non_null(f);
 	uint8_t hdr[SEGMENT_HEADER_SIZE];
 	segment_header_encode(hdr, 0, seq, 0);
+	hdr[8] = SEGMENT_VERSION_V1;
 	assert_int_equal(fwrite(hdr, 1, sizeof(hdr), f), sizeof(hdr));
 	for (size_t i = 0; i < n; i++) {
 		uint8_t rh[RECORD_HEADER_SIZE], payload[STATE_PAYLOAD_SIZE];

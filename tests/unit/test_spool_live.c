@@ -430,8 +430,11 @@ static unsigned seg_ids(const char *dir, uint64_t seq, uint64_t *ids, unsigned m
 	static uint8_t buf[1 << 20];
 	size_t len = fread(buf, 1, sizeof(buf), f);
 	fclose(f);
+	struct segment_header h;
+	if (segment_header_decode(buf, len, &h) < 0)
+		return 0;
 	struct record_reader rr;
-	record_reader_init(&rr, SEGMENT_HEADER_SIZE);
+	record_reader_init_segment(&rr, &h, SEGMENT_HEADER_SIZE);
 	struct record rec;
 	unsigned n = 0;
 	while (record_next(&rr, buf, len, &rec) == 1)
@@ -1419,12 +1422,14 @@ static void t11_run1_step(struct ctx *c)
 	}
 }
 
-static size_t tc_put_state(uint8_t *out, uint64_t id, const struct state_rec *r)
+/* A state record for the segment of sequence seq at out; its size. */
+static size_t tc_put_state(uint8_t *out, uint64_t seq, uint64_t id, const struct state_rec *r)
 {
 	uint8_t p[STATE_PAYLOAD_SIZE];
 	state_payload_encode_rec(p, r);
 	struct iovec iv = {p, sizeof(p)};
 	size_t pad = record_header_encode(out, RECORD_STATE, 0, id, &iv, 1);
+	record_header_bind(out, seq);
 	memcpy(out + RECORD_HEADER_SIZE, p, sizeof(p));
 	memset(out + RECORD_HEADER_SIZE + sizeof(p), 0, pad);
 	return RECORD_HEADER_SIZE + sizeof(p) + pad;
@@ -1447,8 +1452,11 @@ static uint8_t *tc_load(const char *path, size_t *len)
 /* Finds message id's record in a loaded segment. */
 static bool tc_find_rec(const uint8_t *buf, size_t len, uint64_t id, struct record *rec)
 {
+	struct segment_header h;
+	if (segment_header_decode(buf, len, &h) < 0)
+		return false;
 	struct record_reader rr;
-	record_reader_init(&rr, SEGMENT_HEADER_SIZE);
+	record_reader_init_segment(&rr, &h, SEGMENT_HEADER_SIZE);
 	while (record_next(&rr, buf, len, rec) == 1)
 		if (rec->type == RECORD_MESSAGE && rec->queue_id == id)
 			return true;
@@ -1476,14 +1484,18 @@ static void t11_forge(struct ctx *c)
 		size_t sz = record_encoded_size(rec.length);
 		assert_true(rec.offset + sz <= len);
 		memcpy(out + olen, buf + rec.offset, sz);
+		/* the same record, bound to the new segment (compaction writes it anew) */
+		struct iovec iv = {(void *)rec.payload, rec.length};
+		record_header_encode(out + olen, RECORD_MESSAGE, rec.flags, rec.queue_id, &iv, 1);
+		record_header_bind(out + olen, seq);
 		olen += sz;
 	}
-	olen += tc_put_state(out + olen, c->ids[0], &(struct state_rec){.state = SPOOL_STATE_HELD});
-	olen += tc_put_state(out + olen, c->ids[1],
+	olen += tc_put_state(out + olen, seq, c->ids[0], &(struct state_rec){.state = SPOOL_STATE_HELD});
+	olen += tc_put_state(out + olen, seq, c->ids[1],
 			     &(struct state_rec){.state = SPOOL_STATE_DEFERRED,
 						 .attempts = 2,
 						 .until_ms = TC_UNTIL});
-	olen += tc_put_state(out + olen, c->ids[1],
+	olen += tc_put_state(out + olen, seq, c->ids[1],
 			     &(struct state_rec){.state = SPOOL_STATE_RCPT_DONE, .rcpt = 1});
 	seg_path(c->dir, seq, path, sizeof(path));
 	int fd = open(path, O_WRONLY | O_CREAT | O_EXCL, 0600);
@@ -1987,6 +1999,237 @@ static void test_compaction_keeps_flags(void **state)
 	free(c);
 }
 
+/* ---- 9: dead segment files are recycled ---- */
+
+#define TR_SEG 8192 /* segment size: 7-8 messages of ~1.1 KiB */
+
+static ino_t tr_ino(const char *dir, const char *name)
+{
+	char path[600];
+	struct stat st;
+	snprintf(path, sizeof(path), "%s/w0/%s", dir, name);
+	return stat(path, &st) == 0 ? st.st_ino : 0;
+}
+
+static ino_t tr_seg_ino(const char *dir, uint64_t seq)
+{
+	char name[64];
+	snprintf(name, sizeof(name), "seg-%016llx.log", (unsigned long long)seq);
+	return tr_ino(dir, name);
+}
+
+/* the file of the newest segment as it was before the clean stop cut it (a crash image) */
+static uint8_t *tr_image;
+static size_t tr_image_len;
+static uint64_t tr_image_seq;
+
+/*
+ * Run 1: segments 0-3 written; 0, 1, 2 all final: 0 and 1 become the spares,
+ * 2 is unlinked (two spares at most); the next two segments take the spares
+ * over (same inodes, new names); some messages final in the first of them.
+ * u[0]: the last old segment's seq; u[1], u[2]: the inodes of segments 0, 1;
+ * u[3]: first message of the new segments; u[4]: ticks waited.
+ */
+static void tr_run1_step(struct ctx *c)
+{
+	switch (c->phase) {
+	case 0:
+		if (!tc_commit(c, 32))
+			return;
+		t4_map(c);
+		CHECK(c, t4.nseg >= 4);
+		if (t4.nseg < 4) {
+			stop(c);
+			return;
+		}
+		c->u[0] = t4.seqs[t4.nseg - 1];
+		c->u[1] = tr_seg_ino(c->dir, t4.seqs[0]);
+		c->u[2] = tr_seg_ino(c->dir, t4.seqs[1]);
+		for (unsigned s = 0; s < 3; s++)
+			t4_mark_seg(c, s, 0);
+		CHECK(c, !seg_exists(c->dir, t4.seqs[0]) && !seg_exists(c->dir, t4.seqs[1]) &&
+			     !seg_exists(c->dir, t4.seqs[2]));
+		CHECK(c, tr_ino(c->dir, "spare-0.log") == (ino_t)c->u[1]);
+		CHECK(c, tr_ino(c->dir, "spare-1.log") == (ino_t)c->u[2]);
+		c->u[3] = c->nmsg;
+		c->phase = 1;
+		return;
+	case 1: {
+		/* one message per turn until the second new segment has its first */
+		if (c->nmsg != c->ndone)
+			return;
+		uint64_t seqs[16];
+		unsigned n = seg_list(c->dir, seqs, 16), fresh = 0;
+		for (unsigned k = 0; k < n; k++)
+			fresh += seqs[k] > c->u[0];
+		if (fresh < 2 && c->nmsg < MAXM - 2) {
+			commit_one(c, false);
+			return;
+		}
+		CHECK(c, fresh == 2 && n >= 2);
+		if (fresh != 2 || n < 2) {
+			stop(c);
+			return;
+		}
+		/* the spares, taken over in order: no spare left, the inodes moved */
+		CHECK(c, tr_seg_ino(c->dir, seqs[n - 2]) == (ino_t)c->u[1]);
+		CHECK(c, tr_seg_ino(c->dir, seqs[n - 1]) == (ino_t)c->u[2]);
+		CHECK(c, tr_ino(c->dir, "spare-0.log") == 0 && tr_ino(c->dir, "spare-1.log") == 0);
+		uint64_t ids[MAXM];
+		CHECK(c, seg_ids(c->dir, seqs[n - 1], ids, MAXM) == 1);
+		CHECK(c, seg_ids(c->dir, seqs[n - 2], ids, MAXM) >= 3);
+		tr_image_seq = seqs[n - 1];
+		/* the first two of the new messages final */
+		CHECK(c, mark(c, (unsigned)c->u[3], SPOOL_STATE_DELIVERED) == 0);
+		CHECK(c, mark(c, (unsigned)c->u[3] + 1, SPOOL_STATE_DELIVERED) == 0);
+		c->phase = 2;
+		return;
+	}
+	default:
+		if (++c->u[4] == 20) /* the state records are written meanwhile */
+			stop(c);
+	}
+}
+
+static void tr_run1_fini(struct ctx *c)
+{
+	char path[600];
+	seg_path(c->dir, tr_image_seq, path, sizeof(path));
+	struct stat st;
+	CHECK(c, stat(path, &st) == 0);
+	tr_image_len = (size_t)st.st_size;
+	tr_image = malloc(tr_image_len);
+	FILE *f = fopen(path, "rb");
+	CHECK(c, f && tr_image && fread(tr_image, 1, tr_image_len, f) == tr_image_len);
+	if (f)
+		fclose(f);
+}
+
+/* Whether message i is expected live after run 1: segments 3.. and the new ones but two. */
+static bool tr_live(const struct ctx *c, unsigned i)
+{
+	for (unsigned s = 0; s < 3; s++)
+		for (unsigned k = 0; k < t4.nids[s]; k++)
+			if (t4.ids[s][k] == c->ids[i])
+				return false;
+	return i != c->u[3] && i != c->u[3] + 1;
+}
+
+/* Run 2: exactly the live messages, readable; then all final. */
+static void tr_run2_step(struct ctx *c)
+{
+	switch (c->phase) {
+	case 0: {
+		unsigned want = 0, k = 0;
+		for (unsigned i = 0; i < c->nmsg; i++) {
+			if (!tr_live(c, i))
+				continue;
+			want++;
+			CHECK(c, k < c->nadded && c->added_id[k] == c->ids[i]);
+			k++;
+			struct spool_entry *e = spool_entry_find(c->sw, c->ids[i]);
+			CHECK(c, e != NULL);
+			if (e)
+				check_read(c, e, i, false);
+		}
+		CHECK(c, c->nadded == want);
+		c->u[5] = want;
+		tc_final_except(c, NULL, 0);
+		CHECK(c, spool_worker_live(c->sw) == 0);
+		c->u[4] = 0;
+		c->phase = 1;
+		return;
+	}
+	default:
+		if (++c->u[4] == 20)
+			stop(c);
+	}
+}
+
+/* Run 3: the segment the worker starts with is a spare from run 2. */
+static void tr_run3_step(struct ctx *c)
+{
+	if (!c->phase) {
+		c->u[7] = c->nmsg;
+		commit_one(c, false);
+		c->phase = 1;
+		return;
+	}
+	if (c->ndone < 1)
+		return;
+	uint64_t seqs[16];
+	unsigned n = seg_list(c->dir, seqs, 16);
+	CHECK(c, n >= 1);
+	if (n >= 1)
+		CHECK(c, tr_seg_ino(c->dir, seqs[n - 1]) == (ino_t)c->u[6]);
+	stop(c);
+}
+
+static void test_segment_recycling(void **state)
+{
+	(void)state;
+	struct ctx *c = calloc(1, sizeof(*c));
+	make_dir(c);
+	c->segment_size = TR_SEG;
+	c->body_size = 1000;
+	c->step = tr_run1_step;
+	c->fini = tr_run1_fini;
+	run(c);
+	assert_int_equal(c->stats.failed, 0);
+	assert_int_equal(c->stats.failed_states, 0);
+	assert_non_null(tr_image);
+
+	/*
+	 * A crash instead of the clean stop: the newest segment (a recycled file)
+	 * as it was before the stop cut it, with what its earlier use left after
+	 * its data: message records of messages long final, bound to another seq.
+	 */
+	struct segment_header h;
+	assert_int_equal(segment_header_decode(tr_image, tr_image_len, &h), 0);
+	assert_int_equal(h.version, SEGMENT_VERSION);
+	assert_true(h.seq == tr_image_seq);
+	struct record_reader rr;
+	struct record rec;
+	record_reader_init_segment(&rr, &h, SEGMENT_HEADER_SIZE);
+	int rc;
+	while ((rc = record_next(&rr, tr_image, tr_image_len, &rec)) == 1)
+		;
+	assert_int_equal(rc, 0);
+	assert_true(rec.offset + 1024 < tr_image_len); /* stale octets after the end */
+	char path[600];
+	seg_path(c->dir, tr_image_seq, path, sizeof(path));
+	FILE *f = fopen(path, "wb");
+	assert_non_null(f);
+	assert_int_equal(fwrite(tr_image, 1, tr_image_len, f), tr_image_len);
+	assert_int_equal(fclose(f), 0);
+	free(tr_image);
+	tr_image = NULL;
+
+	c->announce = true;
+	c->step = tr_run2_step;
+	run(c);
+	assert_int_equal(c->stats.recovered, c->u[5]);
+	assert_true(c->u[5] >= 8);
+	assert_int_equal(c->stats.recovered_bad, 0);
+	/* everything final: the oldest two became spares again */
+	c->u[6] = tr_ino(c->dir, "spare-0.log");
+	assert_true(c->u[6] != 0);
+	assert_true(tr_ino(c->dir, "spare-1.log") != 0);
+
+	c->announce = false;
+	c->step = tr_run3_step;
+	run(c);
+	assert_int_equal(c->nok, 1);
+	struct spool_stats st;
+	uint64_t q, hd;
+	reopen_counts(c, &st, &q, &hd);
+	assert_int_equal(st.recovered, 1); /* nothing of the files' earlier uses */
+	assert_int_equal(st.recovered_bad, 0);
+	assert_int_equal(q, 1);
+	remove_dir(c->dir);
+	free(c);
+}
+
 /* ---- 6: state payloads and the table ---- */
 
 static void test_state_payload_roundtrip(void **state)
@@ -2175,6 +2418,7 @@ int main(void)
 	    cmocka_unit_test(test_state_table_records),
 	    cmocka_unit_test(test_state_flags_survive),
 	    cmocka_unit_test(test_compaction_keeps_flags),
+	    cmocka_unit_test(test_segment_recycling),
 	};
 	int failed = cmocka_run_group_tests_name("direct I/O", tests, NULL, NULL);
 	buffered_io = true;
