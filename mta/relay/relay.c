@@ -1522,6 +1522,42 @@ static void amsg_free(struct amsg *am)
 	free(am);
 }
 
+/* The domain of recipient rp (after its last '@'; *len octets), or NULL without an '@'. */
+static const char *rcpt_domain(const struct spool_rcpt *rp, size_t *len)
+{
+	const char *at = memrchr(rp->addr, '@', rp->addr_len);
+	*len = at ? (size_t)(rp->addr + rp->addr_len - at - 1) : 0;
+	return at ? at + 1 : NULL;
+}
+
+/*
+ * qsort_r over recipient indexes (arg: the message's recipients): by domain,
+ * case-insensitively, then by index. The result is +-2 or more when the
+ * domains differ and +-1 when only the indexes do, so that cmp / 2 == 0 tells
+ * recipients of one domain.
+ */
+static int rcpt_domain_cmp(const void *a, const void *b, void *arg)
+{
+	const struct spool_rcpt *rcpts = arg;
+	uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+	size_t xl, yl;
+	const char *xd = rcpt_domain(&rcpts[x], &xl), *yd = rcpt_domain(&rcpts[y], &yl);
+	int c = strncasecmp(xd, yd, MIN(xl, yl));
+	if (c == 0 && xl != yl)
+		c = xl < yl ? -1 : 1;
+	if (c != 0)
+		return c < 0 ? -2 : 2;
+	return x < y ? -1 : x > y;
+}
+
+/* qsort_r over run starts (arg: the sorted indexes): by each run's first recipient. */
+static int run_first_cmp(const void *a, const void *b, void *arg)
+{
+	const uint32_t *idx = arg;
+	uint32_t x = idx[*(const uint32_t *)a], y = idx[*(const uint32_t *)b];
+	return x < y ? -1 : x > y;
+}
+
 static bool rcpt_done_before(const struct spool_entry *e, uint32_t i)
 {
 	for (uint32_t k = 0; k < e->nrcpt_done; k++)
@@ -1599,68 +1635,83 @@ static void activate(struct relay_worker *rw, struct rq *q)
 		heap_push(rw, q);
 		return;
 	}
-	/* group the recipients by domain; local ones are delivered right here */
+	/*
+	 * group the recipients by domain; local ones are delivered right here.
+	 * Sorted by (domain, index), so any mix of up to max_recipients domains
+	 * costs n log n, and handed out in the order of each domain's first
+	 * recipient.
+	 */
 	am->outstanding = 1; /* held while handing out */
 	uint32_t n = am->m.nrcpts;
-	uint8_t *taken = calloc(n ? n : 1, 1);
+	uint8_t *settled = calloc(n ? n : 1, 1);
 	uint32_t *idx = malloc((n ? n : 1) * sizeof(*idx));
+	uint32_t *runs = malloc((n ? n : 1) * sizeof(*runs));
+	if (settled)
+		for (uint32_t k = 0; k < q->e->nrcpt_done; k++)
+			if (q->e->rcpt_done[k] < n)
+				settled[q->e->rcpt_done[k]] = 1;
+	uint32_t m = 0;
 	for (uint32_t i = 0; i < n; i++) {
-		if (rcpt_done_before(q->e, i)) {
+		if (settled ? settled[i] : rcpt_done_before(q->e, i)) {
 			am->rc[i].st = RS_SETTLED;
 			continue;
 		}
-		if (!taken || !idx) {
+		if (!settled || !idx || !runs) {
 			rcpt_set(am, i, RS_DEFER, "4.3.0", "", "out of memory");
 			continue;
 		}
-		if (taken[i])
-			continue;
-		const struct spool_rcpt *rp = &am->m.rcpts[i];
-		const char *at = memrchr(rp->addr, '@', rp->addr_len);
-		char dom[256];
-		size_t dl = at ? (size_t)(rp->addr + rp->addr_len - at - 1) : 0;
-		if (!at || dl == 0 || dl >= sizeof(dom)) {
+		size_t dl;
+		if (!rcpt_domain(&am->m.rcpts[i], &dl) || dl == 0 || dl >= 256) {
 			rcpt_set(am, i, RS_FAIL, "5.1.3", "", "bad recipient address");
 			continue;
 		}
+		idx[m++] = i;
+	}
+	uint32_t nruns = 0;
+	if (m) {
+		qsort_r(idx, m, sizeof(*idx), rcpt_domain_cmp, am->m.rcpts);
+		for (uint32_t k = 0; k < m; k++)
+			if (k == 0 || rcpt_domain_cmp(&idx[k - 1], &idx[k], am->m.rcpts) / 2 != 0)
+				runs[nruns++] = k;
+		qsort_r(runs, nruns, sizeof(*runs), run_first_cmp, idx);
+	}
+	for (uint32_t ri = 0; ri < nruns; ri++) {
+		uint32_t first = runs[ri], last = first + 1;
+		size_t dl;
+		const char *at = rcpt_domain(&am->m.rcpts[idx[first]], &dl);
+		while (last < m && rcpt_domain_cmp(&idx[last - 1], &idx[last], am->m.rcpts) / 2 == 0)
+			last++;
+		char dom[256];
 		for (size_t k = 0; k < dl; k++)
-			dom[k] = (char)((at[1 + k] >= 'A' && at[1 + k] <= 'Z') ? at[1 + k] + 32
-									: at[1 + k]);
+			dom[k] = (char)((at[k] >= 'A' && at[k] <= 'Z') ? at[k] + 32 : at[k]);
 		dom[dl] = '\0';
 		if (ph_config_is_local(rw->r->cfg, dom, dl)) {
-			local_deliver(am, i);
+			for (uint32_t k = first; k < last; k++)
+				local_deliver(am, idx[k]);
 			continue;
 		}
 		/* the recipients of this domain, JOB_RCPTS_MAX per job (one transaction each) */
-		uint32_t cnt = 0;
-		for (uint32_t k = i; k < n && cnt < JOB_RCPTS_MAX; k++) {
-			if (taken[k] || rcpt_done_before(q->e, k))
+		for (uint32_t k = first; k < last; k += JOB_RCPTS_MAX) {
+			uint32_t cnt = MIN(last - k, (uint32_t)JOB_RCPTS_MAX);
+			struct job *j = malloc(sizeof(*j) + cnt * sizeof(uint32_t));
+			struct rdomain *d = j ? domain_get(rw, dom) : NULL;
+			if (!j || !d) {
+				free(j);
+				for (uint32_t x = 0; x < cnt; x++)
+					rcpt_set(am, idx[k + x], RS_DEFER, "4.3.0", "", "out of memory");
 				continue;
-			const struct spool_rcpt *o = &am->m.rcpts[k];
-			const char *oat = memrchr(o->addr, '@', o->addr_len);
-			size_t ol = oat ? (size_t)(o->addr + o->addr_len - oat - 1) : 0;
-			if (ol == dl && !strncasecmp(oat + 1, dom, dl)) {
-				taken[k] = 1;
-				idx[cnt++] = k;
 			}
+			j->am = am;
+			j->dom = d;
+			j->n = cnt;
+			memcpy(j->idx, idx + k, cnt * sizeof(uint32_t));
+			am->outstanding++;
+			domain_submit(rw, j);
 		}
-		struct job *j = malloc(sizeof(*j) + cnt * sizeof(uint32_t));
-		struct rdomain *d = j ? domain_get(rw, dom) : NULL;
-		if (!j || !d) {
-			free(j);
-			for (uint32_t k = 0; k < cnt; k++)
-				rcpt_set(am, idx[k], RS_DEFER, "4.3.0", "", "out of memory");
-			continue;
-		}
-		j->am = am;
-		j->dom = d;
-		j->n = cnt;
-		memcpy(j->idx, idx, cnt * sizeof(uint32_t));
-		am->outstanding++;
-		domain_submit(rw, j);
 	}
-	free(taken);
+	free(settled);
 	free(idx);
+	free(runs);
 	if (--am->outstanding == 0)
 		attempt_done(am);
 }

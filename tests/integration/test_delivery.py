@@ -833,6 +833,30 @@ def test_more_recipients_than_one_transaction_takes(world):
     assert st["recipients"] == 150 and st["messages"] == 2, st
 
 
+def test_interleaved_domains_grouped_per_domain(world):
+    """190 recipients of two domains, interleaved and in mixed case: each domain's
+    recipients go together whatever their order (130 to one: two transactions of at
+    most 100; 60 to the other: one), every recipient once."""
+    world.dnsmasq(mx=[("mix.test", "mx.mix.test", 10), ("other.test", "mx.other.test", 10)],
+                  hosts=[("mx.mix.test", "127.0.11.2"), ("mx.other.test", "127.0.11.3")])
+    mix, other = world.sink("127.0.11.2"), world.sink("127.0.11.3")
+    relay = world.relay()
+    rcpts = []
+    for i in range(130):
+        rcpts.append("m%03d@%s" % (i, ("mix.test", "MIX.test", "Mix.TEST")[i % 3]))
+        if i < 120 and i % 2 == 0:
+            rcpts.append("o%03d@%s" % (i, ("other.test", "Other.Test")[i % 4 == 0]))
+    assert len(rcpts) == 190
+    qid = relay.send(ALICE, rcpts, message("interleaved"))
+    d = relay.wait_event(qid, "delivery", n=190, timeout=20)
+    assert sorted(e["recipient"] for e in d) == sorted(rcpts)
+    relay.assert_drained()
+    st = mix.stop()
+    assert st["recipients"] == 130 and st["messages"] == 2, st
+    st = other.stop()
+    assert st["recipients"] == 60 and st["messages"] == 1, st
+
+
 # --------------------------------------------------------------------------- DSN parameters
 
 
