@@ -179,6 +179,7 @@ struct found {
 	uint64_t offset;
 	size_t length;
 	size_t seg;
+	bool superseded; /* a later copy of the same id (compaction) was found */
 };
 
 /* Every segment's mapping and every message found, until the report is done. */
@@ -203,7 +204,42 @@ static void found_add(struct scan *sc, size_t seg, const struct record *rec)
 		sc->v = v;
 		sc->cap = cap;
 	}
-	sc->v[sc->n++] = (struct found){rec->queue_id, rec->offset, rec->length, seg};
+	sc->v[sc->n++] = (struct found){rec->queue_id, rec->offset, rec->length, seg, false};
+}
+
+static int found_cmp(const void *a, const void *b, void *arg)
+{
+	const struct found *v = arg;
+	uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+	if (v[x].queue_id != v[y].queue_id)
+		return v[x].queue_id < v[y].queue_id ? -1 : 1;
+	return x < y ? -1 : x > y;
+}
+
+/*
+ * Compaction copies a message forward under the same id, and the daemon
+ * removes the old segment only once the copy is durable: a scan in between
+ * finds both. As recovery does, the copy found last (segments are read in
+ * sequence order) is the message; the others are marked superseded.
+ * false when out of memory.
+ */
+static bool mark_superseded(struct scan *sc)
+{
+	if (sc->n < 2)
+		return true;
+	if (sc->n > UINT32_MAX)
+		return false;
+	uint32_t *ix = malloc(sc->n * sizeof(*ix));
+	if (!ix)
+		return false;
+	for (size_t i = 0; i < sc->n; i++)
+		ix[i] = (uint32_t)i;
+	qsort_r(ix, sc->n, sizeof(*ix), found_cmp, sc->v);
+	for (size_t i = 0; i + 1 < sc->n; i++)
+		if (sc->v[ix[i]].queue_id == sc->v[ix[i + 1]].queue_id)
+			sc->v[ix[i]].superseded = true;
+	free(ix);
+	return true;
 }
 
 /* Reads the records of one mapped segment: keeps its messages and state records. */
@@ -259,6 +295,8 @@ static int report(struct scan *sc, const struct seg_list *l,
 {
 	for (size_t i = 0; i < sc->n; i++) {
 		const struct found *f = &sc->v[i];
+		if (f->superseded)
+			continue;
 		enum spool_state st = state_table_lookup(&sc->states, f->queue_id);
 		if (spool_state_final(st))
 			continue;
@@ -307,6 +345,8 @@ int spool_scan(const char *spool_dir, int (*each)(void *arg, const struct spool_
 		if (r == 0 && sc.maps[i])
 			seg_read(&sc, i, &l.v[i], sc.maps[i], sc.lens[i]);
 	}
+	if (r == 0 && !sc.oom && !mark_superseded(&sc))
+		sc.oom = true;
 	if (r == 0 && sc.oom) {
 		snprintf(err, errlen, "out of memory");
 		r = -ENOMEM;

@@ -689,9 +689,14 @@ static void test_scan(void **state)
 	snprintf(path, sizeof(path), "%s/w1/seg-%016x.log", dir, 2);
 	write_file(path, &seg);
 
-	/* w0/seg 3 (newest of w0): one message */
+	/*
+	 * w0/seg 3 (newest of w0): one message, and a compaction copy of 0x102
+	 * (the same id again, while its old segment is still there): only the
+	 * copy is listed, where it is
+	 */
 	seg_start(&seg, 0, 3);
 	size_t o5 = seg_record(&seg, RECORD_MESSAGE, 0x300, msg.p, msg.len);
+	size_t o6 = seg_record(&seg, RECORD_MESSAGE, 0x102, msg.p, msg.len);
 	snprintf(path, sizeof(path), "%s/w0/seg-%016x.log", dir, 3);
 	write_file(path, &seg);
 
@@ -721,11 +726,12 @@ static void test_scan(void **state)
 		const char *seg;
 	} want[] = {
 	    {0x100, "seg-0000000000000001.log"},
-	    {0x102, "seg-0000000000000001.log"},
 	    {0x200, "seg-0000000000000002.log"},
 	    {0x300, "seg-0000000000000003.log"},
+	    {0x102, "seg-0000000000000003.log"},
 	};
-	const size_t offsets[] = {o1, o3, o4, o5};
+	const size_t offsets[] = {o1, o4, o5, o6};
+	(void)o3; /* superseded by its copy */
 	assert_int_equal(s.n, ARRAY_SIZE(want));
 	for (unsigned i = 0; i < s.n; i++) {
 		assert_int_equal(s.v[i].id, want[i].id);
