@@ -89,6 +89,7 @@ struct net_config {
 	unsigned ring_entries;    /* SQ size; default 4096 */
 	unsigned buf_size;        /* provided-buffer size; default 16384 */
 	unsigned buf_count;       /* provided buffers per worker (power of two); default 4096 */
+	bool lazy_buffers;        /* leave them untouched until used; default: touched at start-up */
 	size_t out_high_water;    /* stop reading a connection whose queued output exceeds this; default 256 KiB */
 	size_t out_low_water;     /* resume below this; default 64 KiB */
 	unsigned shutdown_grace_ms; /* longest wait for connections to finish at shutdown; default 5000 */

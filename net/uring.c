@@ -1547,6 +1547,15 @@ static int ring_setup(struct net_worker *w)
 	w->bufs = aligned_alloc(4096, (size_t)n * cfg->buf_size);
 	if (!w->bufs)
 		return -ENOMEM;
+	/*
+	 * Touch every buffer now, on the worker's own (pinned) CPU: the pages are
+	 * then on its NUMA node, and the first pass of the receive path through
+	 * the ring does not take a page fault per 4 KiB (on a fresh daemon under
+	 * load that was ~15 % of its time on this VM, 23 % of its 100 KiB relay
+	 * rate). The memory is the configured pool, which load makes resident anyway.
+	 */
+	if (!cfg->lazy_buffers)
+		memset(w->bufs, 0, (size_t)n * cfg->buf_size);
 	io_uring_buf_ring_init(w->br);
 	w->buf_mask = io_uring_buf_ring_mask(n);
 	for (unsigned i = 0; i < n; i++)
