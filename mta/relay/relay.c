@@ -1643,20 +1643,23 @@ static void activate(struct relay_worker *rw, struct rq *q)
 	 */
 	am->outstanding = 1; /* held while handing out */
 	uint32_t n = am->m.nrcpts;
-	uint8_t *settled = calloc(n ? n : 1, 1);
-	uint32_t *idx = malloc((n ? n : 1) * sizeof(*idx));
-	uint32_t *runs = malloc((n ? n : 1) * sizeof(*runs));
-	if (settled)
+	/* one block per message: idx[n], runs[n], settled[n] */
+	uint32_t *idx = malloc((n ? n : 1) * (2 * sizeof(uint32_t) + 1));
+	uint32_t *runs = idx ? idx + n : NULL;
+	uint8_t *settled = idx ? (uint8_t *)(runs + n) : NULL;
+	if (settled) {
+		memset(settled, 0, n);
 		for (uint32_t k = 0; k < q->e->nrcpt_done; k++)
 			if (q->e->rcpt_done[k] < n)
 				settled[q->e->rcpt_done[k]] = 1;
+	}
 	uint32_t m = 0;
 	for (uint32_t i = 0; i < n; i++) {
 		if (settled ? settled[i] : rcpt_done_before(q->e, i)) {
 			am->rc[i].st = RS_SETTLED;
 			continue;
 		}
-		if (!settled || !idx || !runs) {
+		if (!idx) {
 			rcpt_set(am, i, RS_DEFER, "4.3.0", "", "out of memory");
 			continue;
 		}
@@ -1709,9 +1712,7 @@ static void activate(struct relay_worker *rw, struct rq *q)
 			domain_submit(rw, j);
 		}
 	}
-	free(settled);
 	free(idx);
-	free(runs);
 	if (--am->outstanding == 0)
 		attempt_done(am);
 }

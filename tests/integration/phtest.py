@@ -82,11 +82,14 @@ def hostport(host, port):
     return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
 
 
-def connect(host, port, timeout=10.0):
+def connect(host, port, timeout=10.0, source=None):
+    """A connected socket; from the address source (bound first) when given."""
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
     s = socket.socket(fam, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
+        if source is not None:
+            s.bind((source, 0))
         s.connect((host, port))
     except BaseException:
         s.close()
@@ -94,9 +97,9 @@ def connect(host, port, timeout=10.0):
     return s
 
 
-def wait_connectable(host, port, timeout=READY_TIMEOUT, proc=None, what="server"):
-    """Polls connect() until it succeeds; returns the connected socket.
-    Fails early if proc exits."""
+def wait_connectable(host, port, timeout=READY_TIMEOUT, proc=None, what="server", source=None):
+    """Polls connect() (from source, when given) until it succeeds; returns the
+    connected socket. Fails early if proc exits."""
     deadline = time.monotonic() + timeout
     last = None
     for _ in range(100000):
@@ -104,7 +107,7 @@ def wait_connectable(host, port, timeout=READY_TIMEOUT, proc=None, what="server"
             raise AssertionError("%s exited with status %s before listening on %s"
                                  % (what, proc.returncode, hostport(host, port)))
         try:
-            return connect(host, port, timeout=2.0)
+            return connect(host, port, timeout=2.0, source=source)
         except OSError as e:
             last = e
         if time.monotonic() > deadline:

@@ -50,30 +50,11 @@ class Daemon:
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=self._err)
         try:
-            self._wait_ready()
+            phtest.wait_connectable(INSIDE, self.port, proc=self.proc, what="posthaste",
+                                    source=PROBE).close()
         except AssertionError as e:
             self.kill()
             raise AssertionError("%s\nstderr:\n%s" % (e, self.log()))
-
-    def _wait_ready(self):
-        """Polls connect() from PROBE until the daemon accepts (bounded), as
-        phtest.wait_connectable does from the default address."""
-        deadline = time.monotonic() + phtest.READY_TIMEOUT
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError("posthaste exited with status %s" % self.proc.returncode)
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.settimeout(2.0)
-            try:
-                s.bind((PROBE, 0))
-                s.connect((INSIDE, self.port))
-                return
-            except OSError as e:
-                if time.monotonic() > deadline:
-                    raise AssertionError("posthaste not accepting on port %d: %r" % (self.port, e))
-            finally:
-                s.close()
-            time.sleep(0.05)
 
     def log(self):
         return self.err_path.read_bytes().decode("utf-8", "replace")
