@@ -46,9 +46,7 @@ NETNS_ENV = "PH_CRASH_NETNS"
 
 
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return phtest.free_port()
 
 
 def stop(proc, sig=signal.SIGTERM, timeout=20.0):

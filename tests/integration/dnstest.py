@@ -24,6 +24,8 @@ import subprocess
 import threading
 import time
 
+import phtest
+
 DNSMASQ = "/usr/sbin/dnsmasq"
 
 T_A, T_MX, T_AAAA = 1, 15, 28
@@ -34,23 +36,9 @@ def available():
     return os.path.isfile(DNSMASQ) and os.access(DNSMASQ, os.X_OK)
 
 
-def free_udp_tcp_port(host="127.0.0.1", tries=200):
-    """A port free for both UDP and TCP on host a moment ago."""
-    for _ in range(tries):
-        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            u.bind((host, 0))
-            port = u.getsockname()[1]
-            try:
-                t.bind((host, port))
-            except OSError:
-                continue
-            return port
-        finally:
-            u.close()
-            t.close()
-    raise AssertionError("no port free for both UDP and TCP on %s" % host)
+def free_udp_tcp_port(host="127.0.0.1"):
+    """A port free for both UDP and TCP on host a moment ago (phtest.free_port)."""
+    return phtest.free_port(host, udp=True)
 
 
 def _qname(name):

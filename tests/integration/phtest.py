@@ -9,6 +9,7 @@
 """
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -67,15 +68,63 @@ def rss_limit_kb(mb=200):
 # --------------------------------------------------------------------------- ports
 
 
-def free_port(host="127.0.0.1"):
-    """A port that was free a moment ago (bind 0, read, close)."""
-    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-    s = socket.socket(fam, socket.SOCK_STREAM)
+def _ephemeral_low():
+    """The lowest port the kernel hands out for bind(0) and connect() here (the range
+    is per network namespace)."""
     try:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_PORT_FLOOR = 10000
+_handed_out = set()
+
+
+def _bindable(host, port, udp):
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    kinds = (socket.SOCK_STREAM, socket.SOCK_DGRAM) if udp else (socket.SOCK_STREAM,)
+    socks = []
+    try:
+        for kind in kinds:
+            s = socket.socket(fam, kind)
+            socks.append(s)
+            s.bind((host, port))
+        return True
+    except OSError:
+        return False
     finally:
-        s.close()
+        for s in socks:
+            s.close()
+
+
+def free_port(host="127.0.0.1", udp=False):
+    """A port that was free a moment ago (for UDP too when udp), for a server the
+    test starts next.
+
+    It is chosen below the kernel's ephemeral range: a port taken from that range
+    (bind 0) can be handed out again, in the moment before the server binds it, as
+    the local port of any client socket the test opens meanwhile (a readiness probe,
+    a client bound to a source address), and the server then fails with EADDRINUSE.
+    Ports are not handed out twice in one process."""
+    low = _ephemeral_low()
+    if low - _PORT_FLOOR >= 1000:
+        for _ in range(1000):
+            port = random.randrange(_PORT_FLOOR, low)
+            if port not in _handed_out and _bindable(host, port, udp):
+                _handed_out.add(port)
+                return port
+    # A range that leaves no room below it: fall back to the kernel's choice.
+    for _ in range(200):
+        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(fam, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out and _bindable(host, port, udp):
+            _handed_out.add(port)
+            return port
+    raise AssertionError("no free port on %s" % host)
 
 
 def hostport(host, port):

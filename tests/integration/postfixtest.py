@@ -29,6 +29,8 @@ import subprocess
 import tempfile
 import time
 
+import phtest
+
 SBIN_PATHS = ("/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin", "/usr/lib/postfix/sbin")
 
 
@@ -59,15 +61,6 @@ def unavailable():
     except KeyError:
         return "there is no 'postfix' user"
     return None
-
-
-def _free_port():
-    s = socket.socket()
-    try:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-    finally:
-        s.close()
 
 
 class PostfixError(Exception):
@@ -132,7 +125,7 @@ class Postfix:
         for f in ("main.cf", "master.cf"):
             shutil.copy(os.path.join("/etc/postfix", f), os.path.join(self.etc, f))
         self._run(["chown", "-R", "postfix:postfix", os.path.join(self.dir, "data")], "chown data")
-        self.port = _free_port()
+        self.port = phtest.free_port()
         pc = [find_tool("postconf"), "-c", self.etc]
         self._run(pc + ["-e"] + self.settings(), "postconf -e")
         self._run(pc + ["-M#", "smtp/inet"], "postconf -M# smtp/inet")
