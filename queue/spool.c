@@ -6,10 +6,16 @@
  * transactions wait on the worker's pending list; at the end of the loop turn
  * every pending transaction that fits in one writev (IOV_MAX iovecs) becomes a
  * batch: record header, envelope and body buffers of each, written at the
- * segment's end in one request with an fdatasync linked behind it. When the
- * sync completes every transaction of the batch gets its answer together. One
- * batch is in flight per worker at a time; what is sealed meanwhile forms the
- * next batch, which is what makes the commit a group commit.
+ * segment's end in one request. The pipeline has three stages, a batch at
+ * most in each: being written (wb), written and waiting for the next sync
+ * (waitb: batches that complete their writes while a sync is in flight merge
+ * here), and syncing (syncb). Writes go one at a time, each starting where the
+ * last ended; a sync starts when a write completes and no sync is in flight,
+ * or when the one in flight completes and waitb has something. When a sync
+ * completes every transaction it covers gets its answer together; what is
+ * sealed meanwhile forms the next batch, which is what makes the commit a
+ * group commit. Overlapping the next write with the current flush keeps the
+ * device busy (a flush covers only writes completed before it).
  *
  * Direct I/O: where the file system takes O_DIRECT (and unless the
  * configuration says buffered_io), the batch is copied once into an aligned
@@ -26,7 +32,12 @@
  * A failed or short write leaves garbage past the segment's known end: the
  * segment is truncated back to it and the batch's transactions fail (the SMTP
  * side answers 452/451); the next batch tries again, so service resumes by
- * itself when the disk does.
+ * itself when the disk does. A failed sync puts everything written since the
+ * last good one in doubt: its batch, waitb and wb (once its write completes:
+ * the rollback flag) fail, and the segment is cut back to where the failed
+ * sync's batch began. Nothing after that point was acknowledged. (Not so in
+ * the batch and none durabilities, where only a compaction copy's batch is
+ * synced and later batches are answered at once: there nothing is cut.)
  *
  * Recycling: a dead segment file at least a segment's size is not unlinked
  * but renamed to spare-<n>.log (up to SPARES_MAX per worker directory; the
@@ -114,6 +125,14 @@ struct spool_txn {
 	int fail; /* sealing failed: answered at the end of the turn, never from commit */
 };
 
+/* Transactions written together: one write, then (usually) one sync. */
+struct spool_batch {
+	struct spool_txn *head, *tail; /* in file order */
+	uint64_t off, len;             /* their octets in the segment */
+	bool sync;                     /* answered only after an fdatasync */
+	uint8_t tail0[DIO_ALIGN];      /* direct I/O: tailblk as it was at off */
+};
+
 struct spool_worker {
 	struct spool *sp;
 	struct net_worker *w;
@@ -126,8 +145,15 @@ struct spool_worker {
 	uint64_t id_ms; /* the millisecond of the last id */
 	struct spool_txn *pending_head, *pending_tail;
 	struct spool_txn *failed; /* sealing failed: answered at turn end */
-	struct spool_txn *batch; /* in flight */
-	uint64_t batch_len;
+	/* group commit's pipeline (see the top): at most one batch in each stage */
+	struct spool_batch bslot[3];
+	struct spool_batch *wb;     /* being written */
+	struct spool_batch *waitb;  /* written; its sync follows the one in flight */
+	struct spool_batch *syncb;  /* written; its sync is in flight */
+	bool rollback;              /* a sync failed while wb was being written */
+	int rollback_err;
+	uint64_t rollback_off;      /* where the segment goes back to then */
+	uint8_t rollback_tail[DIO_ALIGN];
 	struct iovec *iov;
 	unsigned iov_cap;
 	/* direct I/O (see the top): dfd writes the current segment, -1 when buffered */
@@ -142,8 +168,6 @@ struct spool_worker {
 	dev_t dir_dev;  /* dirfd's identity: recovered segments borrow another fd of it */
 	ino_t dir_ino;
 	struct net_io write_io, sync_io;
-	int write_res;
-	bool write_done, sync_wanted;
 	bool dirty; /* SPOOL_BATCH: written since the last sync */
 	bool sync_inflight;
 	struct net_io batch_sync_io;
@@ -980,33 +1004,14 @@ static void compact_timer_fire(struct net_timer *t, struct net_worker *w)
 
 /* ---- group commit ---- */
 
-static void batch_finish(struct spool_worker *sw, int res)
+/*
+ * Answers a batch's transactions with res (0: durable) and frees the slot.
+ * Success makes each message a live entry of the current segment.
+ */
+static void batch_answer(struct spool_worker *sw, struct spool_batch *b, int res)
 {
-	struct spool_txn *t = sw->batch;
-	sw->batch = NULL;
-	if (res == 0) {
-		if (sw->dfd >= 0) {
-			/* the last block's octets, for the next batch to start with */
-			uint64_t base = sw->offset & ~(uint64_t)(DIO_ALIGN - 1);
-			uint64_t end = sw->offset + sw->batch_len;
-			uint64_t from = end & ~(uint64_t)(DIO_ALIGN - 1);
-			memcpy(sw->tailblk, sw->stage + (from - base), (size_t)(end - from));
-		}
-		sw->offset += sw->batch_len;
-		sw->stats.bytes += sw->batch_len;
-	} else {
-		/* drop whatever part of the batch reached the file: it was never acknowledged */
-		if (ftruncate(sw->fd, (off_t)sw->offset) < 0)
-			log_err("spool: worker %u: cannot truncate a failed write: %s; "
-				"starting a new segment",
-				sw->index, strerror(errno));
-		if (res != -ENOSPC && res != -EDQUOT)
-			log_err("spool: worker %u: write failed: %s", sw->index, strerror(-res));
-		else
-			log_once(LOG_WARN, "spool: the spool's file system is full (%s); "
-					   "answering 452 until writes succeed",
-				 strerror(-res));
-	}
+	struct spool_txn *t = b->head;
+	b->head = b->tail = NULL;
 	while (t) {
 		struct spool_txn *n = t->next;
 		if (t->type == RECORD_STATE) {
@@ -1064,29 +1069,150 @@ static void batch_finish(struct spool_worker *sw, int res)
 	}
 }
 
+static struct spool_batch *batch_slot(struct spool_worker *sw)
+{
+	for (unsigned i = 0; i < ARRAY_SIZE(sw->bslot); i++) {
+		struct spool_batch *b = &sw->bslot[i];
+		if (b != sw->wb && b != sw->waitb && b != sw->syncb)
+			return b;
+	}
+	return NULL; /* cannot happen: three stages, three slots */
+}
+
+/* Cuts the segment back to off, the end of what is known to be good. */
+static void segment_cut(struct spool_worker *sw, uint64_t off)
+{
+	if (ftruncate(sw->fd, (off_t)off) < 0)
+		log_err("spool: worker %u: cannot truncate after a failed write: %s", sw->index,
+			strerror(errno));
+}
+
+static void log_write_error(struct spool_worker *sw, const char *what, int res)
+{
+	if (res != -ENOSPC && res != -EDQUOT)
+		log_err("spool: worker %u: %s failed: %s", sw->index, what, strerror(-res));
+	else
+		log_once(LOG_WARN, "spool: the spool's file system is full (%s); "
+				   "answering 452 until writes succeed",
+			 strerror(-res));
+}
+
+static void sync_start(struct spool_worker *sw, struct spool_batch *b)
+{
+	sw->syncb = b;
+	int r = net_file_fdatasync(sw->w, sw->dfd >= 0 ? sw->dfd : sw->fd, &sw->sync_io);
+	if (r < 0) {
+		sw->syncb = NULL;
+		batch_answer(sw, b, r);
+	}
+}
+
 static void write_done(struct net_io *io, int res)
 {
 	struct spool_worker *sw = container_of(io, struct spool_worker, write_io);
-	sw->write_done = true;
-	if (res >= 0 && (uint64_t)res != (sw->dfd >= 0 ? sw->stage_len : sw->batch_len))
+	struct spool_batch *b = sw->wb;
+	sw->wb = NULL;
+	if (res >= 0 && (uint64_t)res != (sw->dfd >= 0 ? sw->stage_len : b->len))
 		res = -ENOSPC; /* a short file write: the device is full */
-	sw->write_res = res < 0 ? res : 0;
-	if (sw->sync_wanted && sw->write_res == 0)
-		return; /* the linked sync answers */
-	if (sw->write_res == 0)
+	if (sw->rollback) {
+		/* a sync failed meanwhile: this batch goes too, and the segment goes back */
+		sw->rollback = false;
+		batch_answer(sw, b, sw->rollback_err);
+		sw->offset = sw->rollback_off;
+		memcpy(sw->tailblk, sw->rollback_tail, sizeof(sw->tailblk));
+		segment_cut(sw, sw->offset);
+		return;
+	}
+	if (res < 0) {
+		/* drop whatever part of it reached the file: it was never acknowledged */
+		log_write_error(sw, "write", res);
+		segment_cut(sw, sw->offset);
+		batch_answer(sw, b, res);
+		return;
+	}
+	if (sw->dfd >= 0) {
+		/* the last block's octets, for the next batch to start with */
+		uint64_t base = sw->offset & ~(uint64_t)(DIO_ALIGN - 1);
+		uint64_t end = sw->offset + b->len;
+		uint64_t from = end & ~(uint64_t)(DIO_ALIGN - 1);
+		memcpy(sw->tailblk, sw->stage + (from - base), (size_t)(end - from));
+	}
+	sw->offset += b->len;
+	sw->stats.bytes += b->len;
+	if (!b->sync) {
 		sw->dirty = true;
-	if (!sw->sync_wanted)
-		batch_finish(sw, sw->write_res);
-	/* else: a failed write cancels its linked sync, whose completion finishes the batch */
+		batch_answer(sw, b, 0);
+	} else if (!sw->syncb) {
+		sync_start(sw, b);
+	} else if (sw->waitb) {
+		/* both wait for the next sync: one batch */
+		sw->waitb->tail->next = b->head;
+		sw->waitb->tail = b->tail;
+		sw->waitb->len += b->len;
+		b->head = b->tail = NULL;
+	} else {
+		sw->waitb = b;
+	}
 }
 
 static void sync_done(struct net_io *io, int res)
 {
 	struct spool_worker *sw = container_of(io, struct spool_worker, sync_io);
+	struct spool_batch *b = sw->syncb;
+	sw->syncb = NULL;
 	sw->stats.syncs++;
-	if (sw->write_res < 0)
-		res = sw->write_res;
-	batch_finish(sw, res < 0 ? res : 0);
+	if (sw->sp->cfg.sync_result)
+		res = sw->sp->cfg.sync_result(res);
+	if (res >= 0) {
+		batch_answer(sw, b, 0);
+		if (sw->waitb) {
+			struct spool_batch *next = sw->waitb;
+			sw->waitb = NULL;
+			sync_start(sw, next);
+		}
+		return;
+	}
+	/*
+	 * What was written since the last good sync is in doubt (and a later
+	 * fdatasync would not report the error again): every batch from b on
+	 * fails, and the segment goes back to where b started, once the write in
+	 * flight, if any, has completed.
+	 */
+	log_write_error(sw, "fdatasync", res);
+	if (sw->sp->cfg.durability != SPOOL_FSYNC) {
+		/*
+		 * a compaction copy's sync: batches written after it may be
+		 * acknowledged already, so nothing is cut; the copies fail and their
+		 * originals stay (a copy that reached the disk anyway is a
+		 * duplicate recovery drops)
+		 */
+		batch_answer(sw, b, res);
+		if (sw->waitb) {
+			struct spool_batch *w = sw->waitb;
+			sw->waitb = NULL;
+			batch_answer(sw, w, res);
+		}
+		return;
+	}
+	uint64_t off = b->off;
+	if (sw->dfd >= 0)
+		memcpy(sw->rollback_tail, b->tail0, sizeof(sw->rollback_tail));
+	batch_answer(sw, b, res);
+	if (sw->waitb) {
+		struct spool_batch *w = sw->waitb;
+		sw->waitb = NULL;
+		batch_answer(sw, w, res);
+	}
+	if (sw->wb) {
+		sw->rollback = true;
+		sw->rollback_err = res;
+		sw->rollback_off = off;
+		return;
+	}
+	sw->offset = off;
+	if (sw->dfd >= 0)
+		memcpy(sw->tailblk, sw->rollback_tail, sizeof(sw->tailblk));
+	segment_cut(sw, off);
 }
 
 static void batch_sync_done(struct net_io *io, int res)
@@ -1151,9 +1277,12 @@ void spool_worker_turn_end(struct spool_worker *sw)
 		t->done(t->arg, t->fail, t->id);
 		txn_free(t);
 	}
-	if (sw->batch || !sw->pending_head)
+	if (sw->wb || sw->rollback || !sw->pending_head)
 		return;
 	if (sw->offset >= sw->sp->cfg.segment_size && !sw->sync_inflight) {
+		/* the next batch goes to a new segment once this one's are all durable */
+		if (sw->waitb || sw->syncb)
+			return;
 		int r = segment_rotate(sw);
 		if (r < 0)
 			log_err("spool: worker %u: cannot start a new segment: %s", sw->index,
@@ -1197,34 +1326,37 @@ void spool_worker_turn_end(struct spool_worker *sw)
 	}
 	if (!last)
 		return;
-	sw->batch = sw->pending_head;
+	struct spool_batch *bt = batch_slot(sw);
+	bt->head = sw->pending_head;
+	bt->tail = last;
+	bt->off = sw->offset;
+	bt->len = len;
 	sw->pending_head = last->next;
 	if (!sw->pending_head)
 		sw->pending_tail = NULL;
 	last->next = NULL;
-	sw->batch_len = len;
-	sw->write_done = false;
-	sw->write_res = 0;
-	sw->sync_wanted = sw->sp->cfg.durability == SPOOL_FSYNC;
+	bt->sync = sw->sp->cfg.durability == SPOOL_FSYNC;
 	/* a compaction copy is synced in every mode: its original's segment goes next */
-	for (struct spool_txn *x = sw->batch; x && !sw->sync_wanted; x = x->next)
-		sw->sync_wanted = x->type == RECORD_MESSAGE && !x->done;
+	for (struct spool_txn *x = bt->head; x && !bt->sync; x = x->next)
+		bt->sync = x->type == RECORD_MESSAGE && !x->done;
+	sw->wb = bt;
 	sw->stats.writes++;
 	int r;
 	if (sw->dfd >= 0) {
+		memcpy(bt->tail0, sw->tailblk, sizeof(bt->tail0));
 		r = stage_batch(sw, n, len);
 		if (r == 0) {
 			sw->iov[0] = (struct iovec){sw->stage, sw->stage_len};
 			r = net_file_writev(sw->w, sw->dfd, sw->iov, 1,
-					    sw->offset & ~(uint64_t)(DIO_ALIGN - 1), &sw->write_io,
-					    sw->sync_wanted ? &sw->sync_io : NULL);
+					    sw->offset & ~(uint64_t)(DIO_ALIGN - 1), &sw->write_io, NULL);
 		}
 	} else {
-		r = net_file_writev(sw->w, sw->fd, sw->iov, n, sw->offset, &sw->write_io,
-				    sw->sync_wanted ? &sw->sync_io : NULL);
+		r = net_file_writev(sw->w, sw->fd, sw->iov, n, sw->offset, &sw->write_io, NULL);
 	}
-	if (r < 0)
-		batch_finish(sw, r);
+	if (r < 0) {
+		sw->wb = NULL;
+		batch_answer(sw, bt, r);
+	}
 }
 
 /* ---- the live queue's API ---- */
@@ -1487,7 +1619,7 @@ void spool_worker_fini(struct spool_worker *sw)
 			size_t len = 0;
 			for (unsigned i = 0; i < k; i++)
 				len += iov[i].iov_len;
-			if (sw->fd >= 0 && !sw->batch &&
+			if (sw->fd >= 0 && !sw->wb && !sw->waitb && !sw->syncb &&
 			    pwritev(sw->fd, iov, (int)k, (off_t)sw->offset) == (ssize_t)len)
 				sw->offset += len;
 		} else if (!t->done) {

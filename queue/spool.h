@@ -48,6 +48,11 @@ struct spool_config {
 	 * takes direct I/O (O_DIRECT, the default there: see spool.c).
 	 */
 	bool buffered_io;
+	/*
+	 * Optional, for tests: called with each completed fdatasync's result;
+	 * what it returns is taken as the result (fault injection).
+	 */
+	int (*sync_result)(int res);
 };
 
 struct spool_envelope {
