@@ -6,16 +6,17 @@
  * transactions wait on the worker's pending list; at the end of the loop turn
  * every pending transaction that fits in one writev (IOV_MAX iovecs) becomes a
  * batch: record header, envelope and body buffers of each, written at the
- * segment's end in one request. The pipeline has three stages, a batch at
- * most in each: being written (wb), written and waiting for the next sync
- * (waitb: batches that complete their writes while a sync is in flight merge
- * here), and syncing (syncb). Writes go one at a time, each starting where the
- * last ended; a sync starts when a write completes and no sync is in flight,
- * or when the one in flight completes and waitb has something. When a sync
- * completes every transaction it covers gets its answer together; what is
- * sealed meanwhile forms the next batch, which is what makes the commit a
- * group commit. Overlapping the next write with the current flush keeps the
- * device busy (a flush covers only writes completed before it).
+ * segment's end in one request, with an fdatasync linked behind it (the
+ * kernel starts the sync the moment the write completes). Writes go one at a
+ * time, each starting where the last ended; the next batch is written as soon
+ * as the last write completes, while its sync may still be running, so up to
+ * BATCHES_MAX batches are in flight, the newest being written and the others
+ * syncing (the block layer merges flushes that overlap). A sync issued after
+ * the writes of every batch before it makes them all durable: when one
+ * completes, its batch and every older unanswered one get their answers
+ * together, in order (their own syncs, when they complete, find nothing left to
+ * do). What is sealed meanwhile forms the next batch, which is what makes the
+ * commit a group commit.
  *
  * Direct I/O: where the file system takes O_DIRECT (and unless the
  * configuration says buffered_io), the batch is copied once into an aligned
@@ -33,11 +34,12 @@
  * segment is truncated back to it and the batch's transactions fail (the SMTP
  * side answers 452/451); the next batch tries again, so service resumes by
  * itself when the disk does. A failed sync puts everything written since the
- * last good one in doubt: its batch, waitb and wb (once its write completes:
- * the rollback flag) fail, and the segment is cut back to where the failed
- * sync's batch began. Nothing after that point was acknowledged. (Not so in
- * the batch and none durabilities, where only a compaction copy's batch is
- * synced and later batches are answered at once: there nothing is cut.)
+ * last good one in doubt: every unanswered batch fails (the one being written
+ * too: the rollback flag), and the segment is cut back to where the oldest of
+ * them began, once the write in flight has completed. Nothing after that point
+ * was acknowledged. (Not so in the batch and none durabilities, where only a
+ * compaction copy's batch is synced and later batches are answered at once:
+ * there nothing is cut.)
  *
  * Recycling: a dead segment file at least a segment's size is not unlinked
  * but renamed to spare-<n>.log (up to SPARES_MAX per worker directory; the
@@ -125,13 +127,19 @@ struct spool_txn {
 	int fail; /* sealing failed: answered at the end of the turn, never from commit */
 };
 
-/* Transactions written together: one write, then (usually) one sync. */
+/* Transactions written together: one write, then (usually) one sync linked to it. */
 struct spool_batch {
+	struct spool_worker *sw;
+	struct net_io write_io, sync_io;
 	struct spool_txn *head, *tail; /* in file order */
 	uint64_t off, len;             /* their octets in the segment */
-	bool sync;                     /* answered only after an fdatasync */
+	bool sync;                     /* an fdatasync is linked behind the write */
+	bool write_pending, sync_pending; /* completions to come: the slot is busy */
+	bool queued;                   /* in the unanswered FIFO */
 	uint8_t tail0[DIO_ALIGN];      /* direct I/O: tailblk as it was at off */
 };
+
+#define BATCHES_MAX 4 /* batches in flight per worker (written or syncing) */
 
 struct spool_worker {
 	struct spool *sp;
@@ -145,14 +153,13 @@ struct spool_worker {
 	uint64_t id_ms; /* the millisecond of the last id */
 	struct spool_txn *pending_head, *pending_tail;
 	struct spool_txn *failed; /* sealing failed: answered at turn end */
-	/* group commit's pipeline (see the top): at most one batch in each stage */
-	struct spool_batch bslot[3];
-	struct spool_batch *wb;     /* being written */
-	struct spool_batch *waitb;  /* written; its sync follows the one in flight */
-	struct spool_batch *syncb;  /* written; its sync is in flight */
-	bool rollback;              /* a sync failed while wb was being written */
-	int rollback_err;
-	uint64_t rollback_off;      /* where the segment goes back to then */
+	/* group commit's pipeline (see the top) */
+	struct spool_batch bslot[BATCHES_MAX];
+	struct spool_batch *fifo[BATCHES_MAX]; /* unanswered synced batches, oldest first */
+	unsigned fifo_head, fifo_n;
+	struct spool_batch *writing;  /* the batch whose write is in flight */
+	bool rollback;                /* a sync failed while `writing` was in flight */
+	uint64_t rollback_off;        /* where the segment goes back to then */
 	uint8_t rollback_tail[DIO_ALIGN];
 	struct iovec *iov;
 	unsigned iov_cap;
@@ -167,7 +174,6 @@ struct spool_worker {
 	bool dir_dirty; /* dirfd has removals (unlinks, renames to spares) not yet fsynced */
 	dev_t dir_dev;  /* dirfd's identity: recovered segments borrow another fd of it */
 	ino_t dir_ino;
-	struct net_io write_io, sync_io;
 	bool dirty; /* SPOOL_BATCH: written since the last sync */
 	bool sync_inflight;
 	struct net_io batch_sync_io;
@@ -1071,12 +1077,42 @@ static void batch_answer(struct spool_worker *sw, struct spool_batch *b, int res
 
 static struct spool_batch *batch_slot(struct spool_worker *sw)
 {
-	for (unsigned i = 0; i < ARRAY_SIZE(sw->bslot); i++) {
+	for (unsigned i = 0; i < BATCHES_MAX; i++) {
 		struct spool_batch *b = &sw->bslot[i];
-		if (b != sw->wb && b != sw->waitb && b != sw->syncb)
+		if (!b->write_pending && !b->sync_pending && !b->queued)
 			return b;
 	}
-	return NULL; /* cannot happen: three stages, three slots */
+	return NULL;
+}
+
+static bool batches_idle(const struct spool_worker *sw)
+{
+	for (unsigned i = 0; i < BATCHES_MAX; i++) {
+		const struct spool_batch *b = &sw->bslot[i];
+		if (b->write_pending || b->sync_pending || b->queued)
+			return false;
+	}
+	return true;
+}
+
+static struct spool_batch *fifo_at(const struct spool_worker *sw, unsigned i)
+{
+	return sw->fifo[(sw->fifo_head + i) % BATCHES_MAX];
+}
+
+static void fifo_push(struct spool_worker *sw, struct spool_batch *b)
+{
+	sw->fifo[(sw->fifo_head + sw->fifo_n++) % BATCHES_MAX] = b;
+	b->queued = true;
+}
+
+static struct spool_batch *fifo_pop(struct spool_worker *sw)
+{
+	struct spool_batch *b = sw->fifo[sw->fifo_head];
+	sw->fifo_head = (sw->fifo_head + 1) % BATCHES_MAX;
+	sw->fifo_n--;
+	b->queued = false;
+	return b;
 }
 
 /* Cuts the segment back to off, the end of what is known to be good. */
@@ -1097,36 +1133,37 @@ static void log_write_error(struct spool_worker *sw, const char *what, int res)
 			 strerror(-res));
 }
 
-static void sync_start(struct spool_worker *sw, struct spool_batch *b)
+static void rollback_to(struct spool_worker *sw, uint64_t off, const uint8_t *tail)
 {
-	sw->syncb = b;
-	int r = net_file_fdatasync(sw->w, sw->dfd >= 0 ? sw->dfd : sw->fd, &sw->sync_io);
-	if (r < 0) {
-		sw->syncb = NULL;
-		batch_answer(sw, b, r);
-	}
+	sw->offset = off;
+	if (sw->dfd >= 0)
+		memcpy(sw->tailblk, tail, sizeof(sw->tailblk));
+	segment_cut(sw, off);
 }
 
 static void write_done(struct net_io *io, int res)
 {
-	struct spool_worker *sw = container_of(io, struct spool_worker, write_io);
-	struct spool_batch *b = sw->wb;
-	sw->wb = NULL;
+	struct spool_batch *b = container_of(io, struct spool_batch, write_io);
+	struct spool_worker *sw = b->sw;
+	b->write_pending = false;
+	sw->writing = NULL;
 	if (res >= 0 && (uint64_t)res != (sw->dfd >= 0 ? sw->stage_len : b->len))
-		res = -ENOSPC; /* a short file write: the device is full */
+		res = -ENOSPC; /* a short file write: the device is full (the linked sync is cancelled) */
 	if (sw->rollback) {
-		/* a sync failed meanwhile: this batch goes too, and the segment goes back */
+		/* a sync failed meanwhile and answered this batch too: the segment goes back */
 		sw->rollback = false;
-		batch_answer(sw, b, sw->rollback_err);
-		sw->offset = sw->rollback_off;
-		memcpy(sw->tailblk, sw->rollback_tail, sizeof(sw->tailblk));
-		segment_cut(sw, sw->offset);
+		rollback_to(sw, sw->rollback_off, sw->rollback_tail);
 		return;
 	}
 	if (res < 0) {
 		/* drop whatever part of it reached the file: it was never acknowledged */
 		log_write_error(sw, "write", res);
 		segment_cut(sw, sw->offset);
+		if (b->queued) {
+			/* the newest in the FIFO (writes go one at a time) */
+			sw->fifo_n--;
+			b->queued = false;
+		}
 		batch_answer(sw, b, res);
 		return;
 	}
@@ -1142,77 +1179,58 @@ static void write_done(struct net_io *io, int res)
 	if (!b->sync) {
 		sw->dirty = true;
 		batch_answer(sw, b, 0);
-	} else if (!sw->syncb) {
-		sync_start(sw, b);
-	} else if (sw->waitb) {
-		/* both wait for the next sync: one batch */
-		sw->waitb->tail->next = b->head;
-		sw->waitb->tail = b->tail;
-		sw->waitb->len += b->len;
-		b->head = b->tail = NULL;
-	} else {
-		sw->waitb = b;
 	}
+	/* else: its linked sync answers */
 }
 
 static void sync_done(struct net_io *io, int res)
 {
-	struct spool_worker *sw = container_of(io, struct spool_worker, sync_io);
-	struct spool_batch *b = sw->syncb;
-	sw->syncb = NULL;
+	struct spool_batch *b = container_of(io, struct spool_batch, sync_io);
+	struct spool_worker *sw = b->sw;
+	b->sync_pending = false;
 	sw->stats.syncs++;
+	if (!b->queued)
+		return; /* answered already: by a later batch's sync, or as failed */
 	if (sw->sp->cfg.sync_result)
 		res = sw->sp->cfg.sync_result(res);
 	if (res >= 0) {
-		batch_answer(sw, b, 0);
-		if (sw->waitb) {
-			struct spool_batch *next = sw->waitb;
-			sw->waitb = NULL;
-			sync_start(sw, next);
+		/*
+		 * This sync was issued when b's write completed, after the writes of
+		 * every batch before it: all of them are durable now.
+		 */
+		for (;;) {
+			struct spool_batch *x = fifo_pop(sw);
+			batch_answer(sw, x, 0);
+			if (x == b)
+				break;
 		}
 		return;
 	}
 	/*
 	 * What was written since the last good sync is in doubt (and a later
-	 * fdatasync would not report the error again): every batch from b on
-	 * fails, and the segment goes back to where b started, once the write in
-	 * flight, if any, has completed.
+	 * fdatasync would not report the error again): every unanswered batch
+	 * fails. In the fsync durability that is every batch from the oldest
+	 * unanswered one on, and the segment goes back to where it began, once
+	 * the write in flight, if any, has completed. (In the others only
+	 * compaction copies are synced, and batches after them may be answered
+	 * already: nothing is cut, the copies fail and their originals stay.)
 	 */
 	log_write_error(sw, "fdatasync", res);
-	if (sw->sp->cfg.durability != SPOOL_FSYNC) {
-		/*
-		 * a compaction copy's sync: batches written after it may be
-		 * acknowledged already, so nothing is cut; the copies fail and their
-		 * originals stay (a copy that reached the disk anyway is a
-		 * duplicate recovery drops)
-		 */
-		batch_answer(sw, b, res);
-		if (sw->waitb) {
-			struct spool_batch *w = sw->waitb;
-			sw->waitb = NULL;
-			batch_answer(sw, w, res);
-		}
+	bool cut = sw->sp->cfg.durability == SPOOL_FSYNC;
+	struct spool_batch *first = fifo_at(sw, 0);
+	uint64_t off = first->off;
+	if (cut && sw->dfd >= 0)
+		memcpy(sw->rollback_tail, first->tail0, sizeof(sw->rollback_tail));
+	while (sw->fifo_n)
+		batch_answer(sw, fifo_pop(sw), res);
+	if (!cut)
 		return;
-	}
-	uint64_t off = b->off;
-	if (sw->dfd >= 0)
-		memcpy(sw->rollback_tail, b->tail0, sizeof(sw->rollback_tail));
-	batch_answer(sw, b, res);
-	if (sw->waitb) {
-		struct spool_batch *w = sw->waitb;
-		sw->waitb = NULL;
-		batch_answer(sw, w, res);
-	}
-	if (sw->wb) {
+	if (sw->writing) {
 		sw->rollback = true;
-		sw->rollback_err = res;
 		sw->rollback_off = off;
 		return;
 	}
-	sw->offset = off;
-	if (sw->dfd >= 0)
-		memcpy(sw->tailblk, sw->rollback_tail, sizeof(sw->tailblk));
-	segment_cut(sw, off);
+	rollback_to(sw, off, sw->rollback_tail);
 }
 
 static void batch_sync_done(struct net_io *io, int res)
@@ -1277,18 +1295,21 @@ void spool_worker_turn_end(struct spool_worker *sw)
 		t->done(t->arg, t->fail, t->id);
 		txn_free(t);
 	}
-	if (sw->wb || sw->rollback || !sw->pending_head)
+	if (sw->writing || sw->rollback || !sw->pending_head)
 		return;
 	if (sw->offset >= sw->sp->cfg.segment_size && !sw->sync_inflight) {
 		/* the next batch goes to a new segment once this one's are all durable */
-		if (sw->waitb || sw->syncb)
+		if (!batches_idle(sw))
 			return;
 		int r = segment_rotate(sw);
 		if (r < 0)
 			log_err("spool: worker %u: cannot start a new segment: %s", sw->index,
 				strerror(-r));
 	}
-	/* take as many pending transactions as fit in one writev */
+	struct spool_batch *bt = batch_slot(sw);
+	if (!bt)
+		return; /* BATCHES_MAX in flight: the next completion makes room */
+	/* take as many pending transactions as fit in one writev (binding each to the segment) */
 	unsigned n = 0;
 	uint64_t len = 0;
 	struct spool_txn *t = sw->pending_head, *last = NULL;
@@ -1326,7 +1347,6 @@ void spool_worker_turn_end(struct spool_worker *sw)
 	}
 	if (!last)
 		return;
-	struct spool_batch *bt = batch_slot(sw);
 	bt->head = sw->pending_head;
 	bt->tail = last;
 	bt->off = sw->offset;
@@ -1339,7 +1359,6 @@ void spool_worker_turn_end(struct spool_worker *sw)
 	/* a compaction copy is synced in every mode: its original's segment goes next */
 	for (struct spool_txn *x = bt->head; x && !bt->sync; x = x->next)
 		bt->sync = x->type == RECORD_MESSAGE && !x->done;
-	sw->wb = bt;
 	sw->stats.writes++;
 	int r;
 	if (sw->dfd >= 0) {
@@ -1348,15 +1367,22 @@ void spool_worker_turn_end(struct spool_worker *sw)
 		if (r == 0) {
 			sw->iov[0] = (struct iovec){sw->stage, sw->stage_len};
 			r = net_file_writev(sw->w, sw->dfd, sw->iov, 1,
-					    sw->offset & ~(uint64_t)(DIO_ALIGN - 1), &sw->write_io, NULL);
+					    sw->offset & ~(uint64_t)(DIO_ALIGN - 1), &bt->write_io,
+					    bt->sync ? &bt->sync_io : NULL);
 		}
 	} else {
-		r = net_file_writev(sw->w, sw->fd, sw->iov, n, sw->offset, &sw->write_io, NULL);
+		r = net_file_writev(sw->w, sw->fd, sw->iov, n, sw->offset, &bt->write_io,
+				    bt->sync ? &bt->sync_io : NULL);
 	}
 	if (r < 0) {
-		sw->wb = NULL;
 		batch_answer(sw, bt, r);
+		return;
 	}
+	sw->writing = bt;
+	bt->write_pending = true;
+	bt->sync_pending = bt->sync;
+	if (bt->sync)
+		fifo_push(sw, bt);
 }
 
 /* ---- the live queue's API ---- */
@@ -1543,8 +1569,11 @@ int spool_worker_init(struct spool *sp, struct net_worker *w)
 	sw->index = i;
 	sw->fd = -1;
 	sw->dfd = -1;
-	sw->write_io.done = write_done;
-	sw->sync_io.done = sync_done;
+	for (unsigned k = 0; k < BATCHES_MAX; k++) {
+		sw->bslot[k].sw = sw;
+		sw->bslot[k].write_io.done = write_done;
+		sw->bslot[k].sync_io.done = sync_done;
+	}
 	sw->batch_sync_io.done = batch_sync_done;
 	char sub[32];
 	snprintf(sub, sizeof(sub), "w%u", i);
@@ -1619,7 +1648,7 @@ void spool_worker_fini(struct spool_worker *sw)
 			size_t len = 0;
 			for (unsigned i = 0; i < k; i++)
 				len += iov[i].iov_len;
-			if (sw->fd >= 0 && !sw->wb && !sw->waitb && !sw->syncb &&
+			if (sw->fd >= 0 && batches_idle(sw) &&
 			    pwritev(sw->fd, iov, (int)k, (off_t)sw->offset) == (ssize_t)len)
 				sw->offset += len;
 		} else if (!t->done) {
