@@ -45,10 +45,6 @@ import spool_reader  # noqa: E402
 NETNS_ENV = "PH_CRASH_NETNS"
 
 
-def free_port():
-    return phtest.free_port()
-
-
 def stop(proc, sig=signal.SIGTERM, timeout=20.0):
     """Signals proc by PID, waits, SIGKILLs after timeout. Returns the exit status."""
     return phtest.stop_process(proc, sig, timeout)
@@ -60,7 +56,7 @@ class Fatal(Exception):
 
 class Daemon:
     def __init__(self, binary, spool, workers, durability, log_path):
-        self.port = free_port()
+        self.port = phtest.free_port()
         self.addr = "127.0.0.1:%d" % self.port
         self.log_path = log_path
         self._log = open(log_path, "wb")

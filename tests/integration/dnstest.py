@@ -36,11 +36,6 @@ def available():
     return os.path.isfile(DNSMASQ) and os.access(DNSMASQ, os.X_OK)
 
 
-def free_udp_tcp_port(host="127.0.0.1"):
-    """A port free for both UDP and TCP on host a moment ago (phtest.free_port)."""
-    return phtest.free_port(host, udp=True)
-
-
 def _qname(name):
     out = b""
     for label in name.rstrip(".").split("."):
@@ -106,7 +101,7 @@ class Dnsmasq:
         if not available():
             raise AssertionError("%s is not installed (Debian: dnsmasq-base)" % DNSMASQ)
         self.host = "127.0.0.1"
-        self.port = free_udp_tcp_port(self.host)
+        self.port = phtest.free_port(self.host, udp=True)  # dnsmasq: UDP and TCP
         self.server = "%s:%d" % (self.host, self.port)
         args = [DNSMASQ, "--keep-in-foreground", "--pid-file=", "--no-resolv", "--no-hosts",
                 "--bind-interfaces", "--listen-address=%s" % self.host, "--port=%d" % self.port,
